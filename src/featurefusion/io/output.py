@@ -1,0 +1,164 @@
+"""Write a merged model in any supported layout, tensor by tensor, atomically.
+
+The engine hands over canonical keys (`unet.conv_in.weight`, ...) in a fixed order; `plan_output` maps them
+to files and file keys of the requested layout, and `CheckpointWriter` streams them out. Everything is
+written under a temporary name in the destination folder and renamed into place at `commit()`, so an
+interrupted or failed merge leaves no partial model at the output path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from featurefusion.errors import CheckpointError
+from featurefusion.io import sd_keys
+from featurefusion.io.checkpoint import PIPELINE_WEIGHT_FILES, Checkpoint
+from featurefusion.io.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
+
+OUTPUT_FORMATS = ("ldm", "diffusers-unet", "diffusers")
+
+
+@dataclass(frozen=True)
+class Placement:
+    file: str  # path relative to the output (\"\" for a single-file output)
+    key: str
+    from_canonical: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class OutputPlan:
+    format: str
+    path: Path
+    files: dict[str, list[PlannedTensor]] = field(default_factory=dict)
+    placements: dict[str, Placement] = field(default_factory=dict)
+    template: Path | None = None  # pipeline folder whose configs/tokenizer are copied
+
+
+def components_written(fmt: str) -> tuple[str, ...]:
+    return ("unet",) if fmt == "diffusers-unet" else (*sd_keys.COMPONENTS, "extra") if fmt == "ldm" else sd_keys.COMPONENTS
+
+
+def plan_output(
+    fmt: str,
+    path: Path,
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    base: Checkpoint,
+) -> OutputPlan:
+    """Decide file and key for each canonical (key, dtype, shape). Entries of unwritten components are skipped."""
+    if fmt not in OUTPUT_FORMATS:
+        raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}", path)
+    plan = OutputPlan(fmt, path)
+    if fmt == "diffusers":
+        if base.layout != "diffusers":
+            raise CheckpointError(
+                "writing a diffusers pipeline folder needs a diffusers pipeline as the base model (its configs, "
+                "tokenizer and scheduler are copied); convert the base first or choose --format ldm",
+                base.path,
+            )
+        plan.template = base.path
+    wanted = components_written(fmt)
+    for key, dtype, shape in entries:
+        component, _, inner = key.partition(".")
+        if component not in wanted:
+            continue
+        placement, out_shape = _place(fmt, component, inner, shape, base)
+        plan.placements[key] = placement
+        plan.files.setdefault(placement.file, []).append(PlannedTensor(placement.key, dtype, out_shape))
+    return plan
+
+
+def _place(fmt: str, component: str, inner: str, shape: tuple[int, ...], base: Checkpoint):
+    if fmt == "diffusers-unet":
+        return Placement("", inner), shape
+    if fmt == "diffusers":
+        return Placement(f"{component}/{PIPELINE_WEIGHT_FILES[component][0]}", inner), shape
+    # ldm single file
+    if component == "extra":
+        return Placement("", inner), shape
+    if base.unet_layout is None:
+        raise CheckpointError("cannot place UNet keys in the ldm layout: UNet layout unknown", base.path)
+    key = sd_keys.diffusers_to_ldm(component, inner, base.unet_layout)
+    if sd_keys.vae_attention_needs_reshape(component, inner) and len(shape) == 2:
+        return Placement("", key, _to_1x1_conv), (*shape, 1, 1)
+    return Placement("", key), shape
+
+
+def _to_1x1_conv(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(*t.shape, 1, 1)
+
+
+class CheckpointWriter:
+    """Streams canonical tensors into the files of an `OutputPlan`; all or nothing."""
+
+    def __init__(self, plan: OutputPlan, metadata: Mapping[str, str]):
+        self.plan = plan
+        # Transformers refuses safetensors files whose metadata lacks the framework tag.
+        meta = {"format": "pt", **metadata}
+        target = plan.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = target.with_name(f".{target.name}.{os.getpid()}.partial") if plan.format == "diffusers" else None
+        self._writers: dict[str, StreamingSafetensorsWriter] = {}
+        try:
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                _copy_template(plan.template, self._staging, set(plan.files))
+            for rel, planned in plan.files.items():
+                file_path = (self._staging / rel) if self._staging is not None else target
+                self._writers[rel] = StreamingSafetensorsWriter(file_path, planned, meta)
+        except BaseException:
+            self.abort()
+            raise
+
+    def wants(self, canonical_key: str) -> bool:
+        return canonical_key in self.plan.placements
+
+    def write(self, canonical_key: str, tensor: torch.Tensor) -> None:
+        placement = self.plan.placements[canonical_key]
+        if placement.from_canonical is not None:
+            tensor = placement.from_canonical(tensor)
+        self._writers[placement.file].write(placement.key, tensor)
+
+    def commit(self) -> None:
+        for writer in self._writers.values():
+            writer.commit()
+        if self._staging is not None:
+            target = self.plan.path
+            old = target.with_name(f".{target.name}.{os.getpid()}.old")
+            if target.exists():
+                os.replace(target, old)
+            os.replace(self._staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.abort()
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def _copy_template(template: Path | None, staging: Path, written: set[str]) -> None:
+    """Copy a pipeline folder's configs, tokenizer, scheduler (and any weights we do not rewrite)."""
+    assert template is not None
+    for src in template.rglob("*"):
+        rel = src.relative_to(template)
+        if src.is_dir() or rel.as_posix() in written:
+            continue
+        # Other weight formats of a component we rewrite would shadow or contradict the new file.
+        if rel.parent.name in PIPELINE_WEIGHT_FILES and src.name in PIPELINE_WEIGHT_FILES[rel.parent.name]:
+            continue
+        dst = staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)

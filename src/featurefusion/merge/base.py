@@ -1,0 +1,38 @@
+"""What a merge method is: a function over the tensors of one module, one list entry per model.
+
+The engine owns all I/O. For each module (a group of keys sharing a prefix, e.g. `...conv1.weight` and
+`...conv1.bias`) it reads the float tensors of every model as float32, calls `merge_module`, and writes the
+result. A method never sees file names or non-float tensors (those are copied from the base, never averaged).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+ModuleTensors = dict[str, list[torch.Tensor]]  # key suffix ("weight", "bias", ...) -> one tensor per model
+
+
+class MergeMethod(Protocol):
+    name: str
+    min_models: int
+    reads_all_models: bool  # False: only model 0 is read (a copy), so other models need not hold the keys
+
+    def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]: ...
+
+    def finish(self) -> None: ...
+
+
+class CopyBase:
+    """Take the first model's tensors unchanged (text encoder and VAE by default)."""
+
+    name = "copy-base"
+    min_models = 1
+    reads_all_models = False
+
+    def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
+        return {suffix: values[0] for suffix, values in tensors.items()}
+
+    def finish(self) -> None:
+        pass

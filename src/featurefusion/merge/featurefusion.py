@@ -1,0 +1,184 @@
+"""The FeatureFusion merge method: applies `featurefusion_math` to every linear and conv layer of a model.
+
+What is merged how:
+- Linear weights (2-D) and conv kernels (4-D, 1x1 included, flattened to [out, in*k*k]): FeatureFusion;
+  their biases use the same coefficients as their weights.
+- GEGLU projections (`ff.net.0.proj`): the two halves of the output (value and gate) are merged as two
+  separate layers, since a value neuron and a gate neuron play different roles and must not be blended.
+- Everything else that is float (GroupNorm/LayerNorm scales and shifts, ...): averaged uniformly, as the
+  authors do; the paper does not cover them.
+
+Unlearning (paper §5.2.3). While merging, the second moments behind the coefficient matrix C (covariances
+of base neurons with every neuron that passed the threshold, and all variances) are streamed to a sidecar
+file. Removing model j then needs neither model j's file nor a new pass of statistics: drop j's columns,
+renormalise, and multiply with the remaining models' weights. The result is exactly the merge of the
+remaining models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from featurefusion.errors import CheckpointError, RecipeError
+from featurefusion.io.safetensors_stream import AppendingSafetensorsWriter, SafetensorsReader
+from featurefusion.merge.base import ModuleTensors
+from featurefusion.merge.featurefusion_math import (
+    FeatureFusionOptions,
+    LayerStatistics,
+    correlation_magnitude,
+    drop_model,
+    layer_statistics,
+    merge_layer,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_IN_HALVES = ("ff.net.0.proj",)  # GEGLU: value and gate halves
+COEFFICIENTS_FORMAT = "featurefusion-statistics/1"
+
+
+class StatisticsSidecar:
+    """Per-layer FeatureFusion statistics in a safetensors file, sparse where the threshold allows."""
+
+    def __init__(self, writer: AppendingSafetensorsWriter | None = None, reader: SafetensorsReader | None = None):
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    def create(cls, path: Path, options: FeatureFusionOptions, model_hashes: list[str]) -> StatisticsSidecar:
+        meta = {
+            "format": COEFFICIENTS_FORMAT,
+            "options": json.dumps(options.as_dict(), sort_keys=True),
+            "models": json.dumps(model_hashes),
+        }
+        return cls(writer=AppendingSafetensorsWriter(path, meta))
+
+    @classmethod
+    def open(cls, path: Path) -> StatisticsSidecar:
+        reader = SafetensorsReader(path)
+        if reader.metadata.get("format") != COEFFICIENTS_FORMAT:
+            reader.close()
+            raise CheckpointError("not a FeatureFusion statistics file", path)
+        return cls(reader=reader)
+
+    @property
+    def path(self) -> Path:
+        return self._writer.path if self._writer else self._reader.path
+
+    @property
+    def options(self) -> dict:
+        return json.loads(self._reader.metadata["options"])
+
+    @property
+    def model_hashes(self) -> list[str]:
+        return json.loads(self._reader.metadata["models"])
+
+    def store(self, layer: str, stats: LayerStatistics, threshold: float) -> None:
+        # Entries below the threshold get no weight whatever the normalisation, so they need not be kept.
+        # The margin keeps entries that sit on the threshold up to rounding; extra entries are harmless.
+        keep = correlation_magnitude(stats) >= threshold * (1 - 1e-4)
+        index = keep.nonzero().T.to(torch.int32)
+        self._writer.write(f"{layer}::var", stats.var)
+        self._writer.write(f"{layer}::cov_index", index.contiguous())
+        self._writer.write(f"{layer}::cov_value", stats.cov[keep].contiguous())
+        self._writer.write(f"{layer}::shape", torch.tensor(stats.cov.shape, dtype=torch.int64))
+        if stats.column_l1 is not None:
+            self._writer.write(f"{layer}::column_l1", stats.column_l1)
+
+    def load(self, layer: str) -> LayerStatistics:
+        r = self._reader
+        try:
+            shape = tuple(r.read(f"{layer}::shape").tolist())
+            index = r.read(f"{layer}::cov_index").long()
+            cov = torch.zeros(shape)
+            cov[index[0], index[1]] = r.read(f"{layer}::cov_value")
+            var = r.read(f"{layer}::var")
+        except CheckpointError as err:
+            raise CheckpointError("statistics missing for a layer of the merge", r.path, layer) from err
+        column_l1 = r.read(f"{layer}::column_l1") if f"{layer}::column_l1" in r else None
+        return LayerStatistics(cov=cov, var=var, column_l1=column_l1)
+
+    def commit(self) -> None:
+        if self._writer:
+            self._writer.commit()
+
+    def abort(self) -> None:
+        if self._writer:
+            self._writer.abort()
+
+    def close(self) -> None:
+        if self._reader:
+            self._reader.close()
+
+
+class FeatureFusion:
+    """Merge with FeatureFusion; optionally record statistics, or replay recorded ones without one model."""
+
+    name = "featurefusion"
+    min_models = 2
+    reads_all_models = True
+
+    def __init__(
+        self,
+        options: FeatureFusionOptions,
+        record: StatisticsSidecar | None = None,
+        replay: StatisticsSidecar | None = None,
+        dropped_model: int | None = None,
+    ):
+        if (replay is None) != (dropped_model is None):
+            raise RecipeError("replaying statistics needs the index of the dropped model, and vice versa")
+        if dropped_model is not None and dropped_model < 1:
+            raise RecipeError("the base model (first model) cannot be removed from a FeatureFusion merge")
+        self.options = options
+        self.record = record
+        self.replay = replay
+        self.dropped_model = dropped_model
+        self.degenerate_rows = 0
+        self.layers = 0
+
+    def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
+        weights = tensors.get("weight")
+        if weights is None or weights[0].ndim not in (2, 4):
+            return {suffix: torch.stack(values).mean(dim=0) for suffix, values in tensors.items()}
+        out = {suffix: torch.stack(v).mean(dim=0) for suffix, v in tensors.items() if suffix not in ("weight", "bias")}
+        biases = tensors.get("bias")
+        parts = 2 if module.endswith(SPLIT_IN_HALVES) else 1
+        n_total = weights[0].shape[0]
+        if n_total % parts:
+            raise RecipeError(f"{module}: cannot split {n_total} output neurons into {parts} halves")
+        n = n_total // parts
+        merged_w, merged_b = [], []
+        for part in range(parts):
+            rows = slice(part * n, (part + 1) * n)
+            stack = torch.cat([w[rows].reshape(n, -1) for w in weights])
+            bias_stack = None if biases is None else torch.cat([b[rows] for b in biases])
+            name = module if parts == 1 else f"{module}#{part}"
+            stats = self._statistics(name, stack, n)
+            w, b, coef = merge_layer(stack, bias_stack, n, stats, self.options)
+            self.degenerate_rows += coef.degenerate_rows
+            merged_w.append(w)
+            merged_b.append(b)
+        self.layers += 1
+        out["weight"] = torch.cat(merged_w).reshape(weights[0].shape)
+        if biases is not None:
+            out["bias"] = torch.cat(merged_b)
+        return out
+
+    def _statistics(self, layer: str, stack: torch.Tensor, n: int) -> LayerStatistics:
+        if self.replay is not None:
+            return drop_model(self.replay.load(layer), n, self.dropped_model)
+        stats = layer_statistics(stack, n, self.options, layer)
+        if self.record is not None:
+            self.record.store(layer, stats, self.options.threshold)
+        return stats
+
+    def finish(self) -> None:
+        if self.degenerate_rows:
+            log.warning(
+                "%d neurons kept their base weights because their 'paper' normaliser sum_j C_ij was ~0",
+                self.degenerate_rows,
+            )

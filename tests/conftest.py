@@ -1,0 +1,168 @@
+"""Tiny Stable Diffusion-shaped models, built from configs (nothing is downloaded), saved in every layout.
+
+`tiny` gives a base model and two "specialists" (the base plus small seeded perturbations, as fine-tunes
+are) as ldm single files, the base also as a diffusers pipeline folder and as a diffusers UNet file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("FEATUREFUSION_PROGRESS", "0")
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+TEXT_CONFIG = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    vocab_size=64,
+    max_position_embeddings=16,
+)
+
+
+def build_unet(seed: int = 0, **overrides):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**{**UNET_CONFIG, **overrides}).eval()
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG).eval()
+
+
+def build_text_encoder(seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG)).eval()
+
+
+def build_tokenizer(folder: Path):
+    """A CLIP tokenizer over a handful of words, written as vocab.json + merges.txt."""
+    from transformers import CLIPTokenizer
+
+    words = ["a", "red", "blue", "circle", "square", "striped", "photo", "of"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in words:
+        vocab[f"{w}</w>"] = len(vocab)
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(f"{ch}</w>", len(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def perturb(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+    """A stand-in for fine-tuning: every float weight moves a little, in a seeded direction."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            noise = torch.randn(value.shape, generator=gen)
+            out[key] = value + scale * (value.std() if value.numel() > 1 else 1.0) * noise
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def to_ldm(unet_sd, text_sd, vae_sd, unet_layout) -> dict[str, torch.Tensor]:
+    from featurefusion.io import sd_keys
+
+    out = {}
+    for component, sd in (("unet", unet_sd), ("text_encoder", text_sd), ("vae", vae_sd)):
+        for key, value in sd.items():
+            ldm_key = sd_keys.diffusers_to_ldm(component, key, unet_layout)
+            if sd_keys.vae_attention_needs_reshape(component, key) and value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)
+            out[ldm_key] = value.contiguous()
+    return out
+
+
+@dataclass
+class Tiny:
+    root: Path
+    base: Path  # ldm single file
+    specialists: list[Path]  # ldm single files
+    pipeline: Path  # base as a diffusers pipeline folder
+    unet_file: Path  # base UNet as a diffusers weights file
+    unet_states: list[dict[str, torch.Tensor]]  # diffusers UNet state dicts: base, specialists
+
+    @property
+    def models(self) -> list[Path]:
+        return [self.base, *self.specialists]
+
+
+def tiny_layout():
+    from featurefusion.io.checkpoint import unet_layout_from_diffusers_keys
+
+    return unet_layout_from_diffusers_keys(build_unet().state_dict().keys())
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("tiny")
+    unet, vae, text = build_unet(0), build_vae(1), build_text_encoder(2)
+    layout = tiny_layout()
+    unet_sd = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    text_sd = {k: v.contiguous() for k, v in text.state_dict().items()}
+    vae_sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
+
+    base = root / "base.safetensors"
+    save_file(to_ldm(unet_sd, text_sd, vae_sd, layout), base)
+    specialists, states = [], [unet_sd]
+    for i, seed in enumerate((11, 12)):
+        spec_unet = perturb(unet_sd, seed)
+        states.append(spec_unet)
+        path = root / f"specialist{i + 1}.safetensors"
+        # Specialists are UNet fine-tunes: their text encoder and VAE are the base's.
+        save_file(to_ldm(spec_unet, text_sd, vae_sd, layout), path)
+        specialists.append(path)
+
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text, tokenizer=build_tokenizer(root / "tok"),
+        scheduler=DDPMScheduler(num_train_timesteps=100), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline = root / "pipeline"
+    pipe.save_pretrained(pipeline)
+    unet_file = root / "unet.safetensors"
+    save_file(unet_sd, unet_file)
+    return Tiny(root, base, specialists, pipeline, unet_file, states)
