@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -111,6 +111,9 @@ def to_ldm(unet_sd, text_sd, vae_sd, unet_layout) -> dict[str, torch.Tensor]:
             if sd_keys.vae_attention_needs_reshape(component, key) and value.ndim == 2:
                 value = value.reshape(*value.shape, 1, 1)
             out[ldm_key] = value.contiguous()
+    # Real SD 1.x files carry CLIP's int64 position ids (transformers >= 5 no longer saves them).
+    positions = TEXT_CONFIG["max_position_embeddings"]
+    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions).unsqueeze(0)
     return out
 
 
@@ -121,7 +124,7 @@ class Tiny:
     specialists: list[Path]  # ldm single files
     pipeline: Path  # base as a diffusers pipeline folder
     unet_file: Path  # base UNet as a diffusers weights file
-    unet_states: list[dict[str, torch.Tensor]]  # diffusers UNet state dicts: base, specialists
+    unet_states: list[dict[str, torch.Tensor]] = field(repr=False)  # diffusers UNet state dicts: base, specialists
 
     @property
     def models(self) -> list[Path]:
@@ -131,7 +134,7 @@ class Tiny:
 def tiny_layout():
     from featurefusion.io.checkpoint import unet_layout_from_diffusers_keys
 
-    return unet_layout_from_diffusers_keys(build_unet().state_dict().keys())
+    return unet_layout_from_diffusers_keys(build_unet().state_dict().keys(), build_vae().state_dict().keys())
 
 
 @pytest.fixture(scope="session")
@@ -157,8 +160,13 @@ def tiny(tmp_path_factory) -> Tiny:
         specialists.append(path)
 
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text, tokenizer=build_tokenizer(root / "tok"),
-        scheduler=DDPMScheduler(num_train_timesteps=100), safety_checker=None, feature_extractor=None,
+        unet=unet,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=build_tokenizer(root / "tok"),
+        scheduler=DDPMScheduler(num_train_timesteps=100),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipeline = root / "pipeline"

@@ -14,30 +14,75 @@ from featurefusion.errors import FeatureFusionError
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output file (or folder for --format diffusers)")
-    p.add_argument("--format", choices=("ldm", "diffusers-unet", "diffusers"), help="output layout (default: the base's)")
-    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output float dtype (default: the base UNet's); maths is fp32")
-    p.add_argument("--nan", choices=("error", "skip"), default="error",
-                   help="NaN/Inf in a model's weight: stop (default), or warn and take that module from the base")
+    p.add_argument(
+        "--format", choices=("ldm", "diffusers-unet", "diffusers"), help="output layout (default: the base's)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        help="output float dtype (default: the base UNet's); maths is fp32",
+    )
+    p.add_argument(
+        "--nan",
+        choices=("error", "skip"),
+        default="error",
+        help="NaN/Inf in a model's weight: stop (default), or warn and take that module from the base",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--template", type=Path, help="pipeline folder whose configs/tokenizer a --format diffusers output copies"
+    )
 
 
 def _add_featurefusion_args(p: argparse.ArgumentParser) -> None:
-    from featurefusion.merge.featurefusion_math import MODES, NORMALIZATIONS, SAMPLE_DTYPES, SLOPES, FeatureFusionOptions
+    from featurefusion.merge.featurefusion_math import (
+        MODES,
+        NORMALIZATIONS,
+        SAMPLE_DTYPES,
+        SLOPES,
+        FeatureFusionOptions,
+    )
 
     d = FeatureFusionOptions()
     g = p.add_argument_group("FeatureFusion options (see docs/featurefusion.md)")
-    g.add_argument("--mode", choices=MODES, default=d.mode, help="exact: closed-form statistics; sampled: the paper's random inputs")
-    g.add_argument("--threshold", type=float, default=d.threshold, help="neuron pairs with |Pearson| below this get no weight")
-    g.add_argument("--slope", choices=SLOPES, default=d.slope, help="rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)")
-    g.add_argument("--normalization", choices=NORMALIZATIONS, default=d.normalization,
-                   help="convex: |P|-weighted blend; paper: divide by sum_j C_ij; column: authors' column L1")
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d.mode,
+        help="exact: closed-form statistics; sampled: the paper's random inputs",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        help="neuron pairs with |Pearson| below this get no weight",
+    )
+    g.add_argument(
+        "--slope",
+        choices=SLOPES,
+        default=d.slope,
+        help="rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)",
+    )
+    g.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=d.normalization,
+        help="convex: |P|-weighted blend; paper: divide by sum_j C_ij; column: authors' column L1",
+    )
     g.add_argument("--samples", type=int, default=d.samples, help="random inputs per layer in sampled mode")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the sampled mode")
-    g.add_argument("--sample-dtype", choices=tuple(SAMPLE_DTYPES), default=d.sample_dtype, help="dtype of the sampled features")
+    g.add_argument(
+        "--sample-dtype",
+        choices=tuple(SAMPLE_DTYPES),
+        default=d.sample_dtype,
+        help="dtype of the sampled features",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featurefusion", description="Merge diffusion models: FeatureFusion, Diffusion Soup, ...")
+    parser = argparse.ArgumentParser(
+        prog="featurefusion", description="Merge diffusion models: FeatureFusion, Diffusion Soup, ..."
+    )
     parser.add_argument("--version", action="version", version=f"featurefusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,10 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", type=Path, help="checkpoints, base model first")
     p.add_argument("--method", choices=("featurefusion", "soup"), default="featurefusion")
     p.add_argument("--weights", type=float, nargs="+", help="soup weights, one per model (normalised to sum 1)")
-    p.add_argument("--text-encoder", choices=("base", "average"), default="base", help="copy from the base (default) or average")
+    p.add_argument(
+        "--text-encoder",
+        choices=("base", "average"),
+        default="base",
+        help="copy from the base (default) or average",
+    )
     p.add_argument("--vae", choices=("base", "average"), default="base", help="copy from the base (default) or average")
     p.add_argument("--recipe", type=Path, help="replay a recipe YAML (or a merged model's embedded recipe)")
-    p.add_argument("--no-statistics", action="store_true", help="FeatureFusion: do not store the statistics that unlearning needs")
+    p.add_argument(
+        "--no-statistics",
+        action="store_true",
+        help="FeatureFusion: do not store the statistics that unlearning needs",
+    )
     _add_output_args(p)
     _add_featurefusion_args(p)
 
@@ -73,8 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="remove a model from a soup (needs its file) or a FeatureFusion merge (does not)")
     p.add_argument("merged", type=Path)
     p.add_argument("model", help="the member to remove: path as in the recipe, file, SHA-256 prefix or index")
-    p.add_argument("--models", type=Path, nargs="+", help="FeatureFusion: remaining members, if not at their recorded paths")
-    p.add_argument("--statistics", type=Path, help="FeatureFusion statistics file (default: <merged>.ffstats.safetensors)")
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        help="FeatureFusion: remaining members, if not at their recorded paths",
+    )
+    p.add_argument(
+        "--statistics",
+        type=Path,
+        help="FeatureFusion statistics file (default: <merged>.ffstats.safetensors)",
+    )
+    _add_output_args(p)
+
+    p = sub.add_parser("convert", help="rewrite a model in another layout (ldm, diffusers-unet, diffusers) or dtype")
+    p.add_argument("model", type=Path)
     _add_output_args(p)
 
     p = sub.add_parser("recipe", help="print the recipe embedded in a merged model as YAML")
@@ -108,7 +175,7 @@ def cmd_inspect(args) -> None:
 def _out(args):
     from featurefusion.merge.operations import OutputOptions
 
-    return OutputOptions(args.format, args.dtype, args.nan, False if args.no_progress else None)
+    return OutputOptions(args.format, args.dtype, args.nan, False if args.no_progress else None, args.template)
 
 
 def _report(report) -> None:
@@ -129,20 +196,43 @@ def cmd_merge(args) -> None:
         _report(operations.replay(recipe, args.output, args.recipe.parent, False if args.no_progress else None))
         return
     options = FeatureFusionOptions(
-        mode=args.mode, threshold=args.threshold, slope=args.slope, normalization=args.normalization,
-        samples=args.samples, seed=args.seed, sample_dtype=args.sample_dtype,
+        mode=args.mode,
+        threshold=args.threshold,
+        slope=args.slope,
+        normalization=args.normalization,
+        samples=args.samples,
+        seed=args.seed,
+        sample_dtype=args.sample_dtype,
     )
-    _report(operations.merge(
-        args.models, args.output, args.method, options=options, weights=args.weights,
-        text_encoder=args.text_encoder, vae=args.vae, out=_out(args), save_statistics=not args.no_statistics,
-    ))
+    _report(
+        operations.merge(
+            args.models,
+            args.output,
+            args.method,
+            options=options,
+            weights=args.weights,
+            text_encoder=args.text_encoder,
+            vae=args.vae,
+            out=_out(args),
+            save_statistics=not args.no_statistics,
+        )
+    )
 
 
 def cmd_soup(args) -> None:
     from featurefusion.merge import operations
 
-    _report(operations.merge(args.models, args.output, "soup", weights=args.weights,
-                             text_encoder=args.text_encoder, vae=args.vae, out=_out(args)))
+    _report(
+        operations.merge(
+            args.models,
+            args.output,
+            "soup",
+            weights=args.weights,
+            text_encoder=args.text_encoder,
+            vae=args.vae,
+            out=_out(args),
+        )
+    )
 
 
 def cmd_add(args) -> None:
@@ -155,6 +245,12 @@ def cmd_remove(args) -> None:
     from featurefusion.merge import operations
 
     _report(operations.remove(args.merged, args.model, args.output, _out(args), args.models, args.statistics))
+
+
+def cmd_convert(args) -> None:
+    from featurefusion.merge import operations
+
+    _report(operations.convert(args.model, args.output, _out(args)))
 
 
 def cmd_recipe(args) -> None:
@@ -183,6 +279,7 @@ COMMANDS = {
     "soup": cmd_soup,
     "add": cmd_add,
     "remove": cmd_remove,
+    "convert": cmd_convert,
     "recipe": cmd_recipe,
 }
 

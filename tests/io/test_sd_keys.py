@@ -29,12 +29,8 @@ UNET_CASES = {
     # SD1.x-like: attention everywhere but the deepest level.
     "sd-2lvl-lpb2": dict(block_out_channels=(32, 64), layers_per_block=2, down=(CA, D), up=(U, CU)),
     "sd-2lvl-lpb1": dict(block_out_channels=(32, 64), layers_per_block=1, down=(CA, D), up=(U, CU)),
-    "sd-3lvl-lpb2": dict(
-        block_out_channels=(32, 32, 64), layers_per_block=2, down=(CA, CA, D), up=(U, CU, CU)
-    ),
-    "sd-3lvl-lpb3": dict(
-        block_out_channels=(32, 32, 64), layers_per_block=3, down=(CA, CA, D), up=(U, CU, CU)
-    ),
+    "sd-3lvl-lpb2": dict(block_out_channels=(32, 32, 64), layers_per_block=2, down=(CA, CA, D), up=(U, CU, CU)),
+    "sd-3lvl-lpb3": dict(block_out_channels=(32, 32, 64), layers_per_block=3, down=(CA, CA, D), up=(U, CU, CU)),
     # SDXL-like: the first level has no attention, so upsamplers sit at slot 2 (after the attention).
     "sdxl-2lvl": dict(block_out_channels=(32, 64), layers_per_block=2, down=(D, CA), up=(CU, U)),
     "sdxl-3lvl-text-time": dict(
@@ -105,9 +101,7 @@ def _assert_upsamplers_follow_attention(ldm: dict[str, torch.Tensor], num_levels
     # diffusers' converter accepts an upsampler at either slot, so check ldm's own rule: it follows
     # the resnet and, where the output block has one, the attention.
     prefix = LDM_PREFIXES["unet"] + "output_blocks."
-    upsampler_keys = [
-        k for k in ldm if k.startswith(prefix) and k.removeprefix(prefix).split(".")[2] == "conv"
-    ]
+    upsampler_keys = [k for k in ldm if k.startswith(prefix) and k.removeprefix(prefix).split(".")[2] == "conv"]
     assert len(upsampler_keys) == 2 * (num_levels - 1)  # weight and bias of every level but the last
     for key in upsampler_keys:
         index, slot = key.removeprefix(prefix).split(".")[:2]
@@ -294,9 +288,7 @@ def test_vae_attention_needs_reshape_is_narrow() -> None:
     assert vae_attention_needs_reshape("vae", "decoder.mid_block.attentions.0.to_out.0.weight")
     assert not vae_attention_needs_reshape("vae", "decoder.mid_block.attentions.0.to_out.0.bias")
     assert not vae_attention_needs_reshape("vae", "decoder.mid_block.attentions.0.group_norm.weight")
-    assert not vae_attention_needs_reshape(
-        "unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
-    )
+    assert not vae_attention_needs_reshape("unet", "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight")
 
 
 def test_text_encoder_round_trip() -> None:
@@ -316,8 +308,7 @@ def test_text_encoder_round_trip() -> None:
     # transformers 5 drops the "text_model." level from CLIPTextModel; diffusers folders on disk
     # (saved with transformers 4) and single files keep it.
     state = {
-        (key if key.startswith("text_model.") else f"text_model.{key}"): tensor
-        for key, tensor in model_state.items()
+        (key if key.startswith("text_model.") else f"text_model.{key}"): tensor for key, tensor in model_state.items()
     }
     state["text_model.embeddings.position_ids"] = torch.arange(16)[None]
     layout = UNetLayout(layers_per_block=2, num_down_blocks=4)
@@ -328,9 +319,7 @@ def test_text_encoder_round_trip() -> None:
     for key in state:
         ldm_key = diffusers_to_ldm("text_encoder", key, layout)
         assert ldm_to_diffusers(ldm_key, layout) == ("text_encoder", key)
-        old_style = ldm_key.replace(
-            "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
-        )
+        old_style = ldm_key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
         assert ldm_to_diffusers(old_style, layout) == ("text_encoder", key)
     for key in model_state:  # keys as transformers 5 names them are placed too
         assert diffusers_to_ldm("text_encoder", key, layout) == LDM_PREFIXES["text_encoder"] + (

@@ -16,9 +16,8 @@ one key at a time.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +45,7 @@ PIPELINE_WEIGHT_FILES = {
 LDM_DROPPED_PREFIXES = ("model_ema.",)
 
 Reader = SafetensorsReader | PickleReader
+CLIP_TOP_LEVEL = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def open_tensor_file(path: Path) -> Reader:
@@ -146,8 +146,10 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 def _open_ldm(reader: Reader) -> Checkpoint:
     keys = reader.keys()
-    unet_prefix = sd_keys.LDM_PREFIXES["unet"]
-    layout = sd_keys.infer_unet_layout(k[len(unet_prefix) :] for k in keys if k.startswith(unet_prefix))
+    try:
+        layout = sd_keys.infer_unet_layout(keys)  # the VAE keys tell its level count too
+    except ValueError as err:
+        raise CheckpointError(f"UNet blocks do not form a Stable Diffusion layout ({err})", reader.path) from None
     refs: dict[str, TensorRef] = {}
     for key in keys:
         if key.startswith(LDM_DROPPED_PREFIXES):
@@ -180,7 +182,9 @@ def _open_pipeline_folder(path: Path) -> Checkpoint:
             file = next((path / component / n for n in names if (path / component / n).is_file()), None)
             if file is None:
                 if (path / component).is_dir():
-                    raise CheckpointError(f"no weights file for {component} (looked for {', '.join(names)})", path / component)
+                    raise CheckpointError(
+                        f"no weights file for {component} (looked for {', '.join(names)})", path / component
+                    )
                 continue
             reader = open_tensor_file(file)
             readers.append(reader)
@@ -194,8 +198,9 @@ def _open_pipeline_folder(path: Path) -> Checkpoint:
             r.close()
         raise CheckpointError("diffusers pipeline folder has no unet/ weights", path)
     unet_keys = [k[len("unet.") :] for k in refs if k.startswith("unet.")]
-    meta = _metadata_of(readers)
-    return Checkpoint(path, "diffusers", refs, unet_layout_from_diffusers_keys(unet_keys), meta, readers)
+    vae_keys = [k[len("vae.") :] for k in refs if k.startswith("vae.")]
+    layout = unet_layout_from_diffusers_keys(unet_keys, vae_keys)
+    return Checkpoint(path, "diffusers", refs, layout, _metadata_of(readers), readers)
 
 
 def _metadata_of(readers: list[Reader]) -> dict[str, str]:
@@ -210,34 +215,42 @@ def _component_refs(component: str, reader: Reader) -> dict[str, TensorRef]:
     refs = {}
     for key in reader.keys():
         info = reader.info(key)
-        refs[f"{component}.{key}"] = TensorRef(reader, key, info.dtype, info.shape)
+        refs[f"{component}.{canonical_component_key(component, key)}"] = TensorRef(reader, key, info.dtype, info.shape)
     return refs
 
 
-def unet_layout_from_diffusers_keys(keys) -> sd_keys.UNetLayout:
-    """layers_per_block and block count from diffusers UNet key names alone."""
+def canonical_component_key(component: str, key: str) -> str:
+    """transformers >= 5 saves CLIP text models without the `text_model.` prefix that older files (and the
+    ldm mapping) use; both load, so keys are compared in the prefixed form."""
+    if component == "text_encoder" and not key.startswith("text_model.") and key.startswith(CLIP_TOP_LEVEL):
+        return f"text_model.{key}"
+    return key
+
+
+def unet_layout_from_diffusers_keys(keys, vae_keys=()) -> sd_keys.UNetLayout:
+    """The UNet's block structure (and the VAE's level count) from diffusers key names alone."""
     down_blocks: set[int] = set()
+    with_attention: set[int] = set()
     resnets_in_first: set[int] = set()
     for key in keys:
         parts = key.split(".")
         if parts[0] == "down_blocks":
-            down_blocks.add(int(parts[1]))
-            if parts[1] == "0" and parts[2] == "resnets":
+            block = int(parts[1])
+            down_blocks.add(block)
+            if parts[2] == "attentions":
+                with_attention.add(block)
+            if block == 0 and parts[2] == "resnets":
                 resnets_in_first.add(int(parts[3]))
     if not down_blocks or not resnets_in_first:
         raise CheckpointError("UNet has no down_blocks.*.resnets keys: not a Stable Diffusion-style UNet")
-    return sd_keys.UNetLayout(layers_per_block=len(resnets_in_first), num_down_blocks=len(down_blocks))
+    vae_levels = {int(k.split(".")[2]) for k in vae_keys if k.startswith("encoder.down_blocks.")}
+    return sd_keys.UNetLayout(
+        layers_per_block=len(resnets_in_first),
+        num_down_blocks=len(down_blocks),
+        down_block_attention=tuple(b in with_attention for b in range(len(down_blocks))),
+        vae_num_blocks=len(vae_levels) or 4,
+    )
 
 
 def _squeeze_1x1(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[:2])
-
-
-def iter_component_keys(checkpoint: Checkpoint, components: list[str]) -> Iterator[str]:
-    for component in components:
-        yield from checkpoint.keys(component)
-
-
-def read_config(path: Path) -> dict:
-    with open(path) as f:
-        return json.load(f)

@@ -45,7 +45,11 @@ def describe(path: str | Path) -> dict:
         }
         if METADATA_KEY in ckpt.metadata:
             recipe = recipe_of(ckpt.metadata, ckpt.path)
-            info["recipe"] = {"operation": recipe.operation, "method": recipe.method, "models": [m.path for m in recipe.models]}
+            info["recipe"] = {
+                "operation": recipe.operation,
+                "method": recipe.method,
+                "models": [m.path for m in recipe.models],
+            }
         return info
 
 

@@ -41,7 +41,9 @@ class OutputPlan:
 
 
 def components_written(fmt: str) -> tuple[str, ...]:
-    return ("unet",) if fmt == "diffusers-unet" else (*sd_keys.COMPONENTS, "extra") if fmt == "ldm" else sd_keys.COMPONENTS
+    return (
+        ("unet",) if fmt == "diffusers-unet" else (*sd_keys.COMPONENTS, "extra") if fmt == "ldm" else sd_keys.COMPONENTS
+    )
 
 
 def plan_output(
@@ -49,19 +51,24 @@ def plan_output(
     path: Path,
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
     base: Checkpoint,
+    template: Path | None = None,
 ) -> OutputPlan:
-    """Decide file and key for each canonical (key, dtype, shape). Entries of unwritten components are skipped."""
+    """Decide file and key for each canonical (key, dtype, shape). Entries of unwritten components are skipped.
+
+    A diffusers pipeline output copies configs, tokenizer and scheduler from `template`, or from the base
+    when that is a pipeline folder itself."""
     if fmt not in OUTPUT_FORMATS:
         raise CheckpointError(f"unknown output format {fmt!r}; choose one of {', '.join(OUTPUT_FORMATS)}", path)
     plan = OutputPlan(fmt, path)
     if fmt == "diffusers":
-        if base.layout != "diffusers":
+        template = template or (base.path if base.layout == "diffusers" else None)
+        if template is None or not (Path(template) / "model_index.json").is_file():
             raise CheckpointError(
-                "writing a diffusers pipeline folder needs a diffusers pipeline as the base model (its configs, "
-                "tokenizer and scheduler are copied); convert the base first or choose --format ldm",
-                base.path,
+                "writing a diffusers pipeline folder needs a pipeline folder to copy configs, tokenizer and "
+                "scheduler from: use a diffusers base model or give --template FOLDER",
+                template or base.path,
             )
-        plan.template = base.path
+        plan.template = Path(template)
     wanted = components_written(fmt)
     for key, dtype, shape in entries:
         component, _, inner = key.partition(".")
@@ -102,7 +109,9 @@ class CheckpointWriter:
         meta = {"format": "pt", **metadata}
         target = plan.path
         target.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = target.with_name(f".{target.name}.{os.getpid()}.partial") if plan.format == "diffusers" else None
+        self._staging = (
+            target.with_name(f".{target.name}.{os.getpid()}.partial") if plan.format == "diffusers" else None
+        )
         self._writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
             if self._staging is not None:

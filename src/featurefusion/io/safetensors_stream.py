@@ -178,7 +178,11 @@ def build_header(planned: Iterable[PlannedTensor], metadata: Mapping[str, str] |
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype {t.dtype} cannot be stored in safetensors (key {t.key!r})")
         nbytes = math.prod(t.shape) * t.dtype.itemsize
-        header[t.key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[t.key] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
@@ -192,7 +196,9 @@ class StreamingSafetensorsWriter:
     `commit()` inside the block once every planned tensor has been written.
     """
 
-    def __init__(self, path: str | os.PathLike, planned: list[PlannedTensor], metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self, path: str | os.PathLike, planned: list[PlannedTensor], metadata: Mapping[str, str] | None = None
+    ):
         self.path = Path(path)
         self._planned = planned
         self._next = 0

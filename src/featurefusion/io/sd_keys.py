@@ -300,9 +300,7 @@ _DIFF_VAE_MID_RES = re.compile(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(
 _DIFF_VAE_MID_ATTN = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)")
 _DIFF_VAE_DOWN = re.compile(r"encoder\.down_blocks\.(\d+)\.(resnets\.\d+|downsamplers\.0)\.(.+)")
 _DIFF_VAE_UP = re.compile(r"decoder\.up_blocks\.(\d+)\.(resnets\.\d+|upsamplers\.0)\.(.+)")
-_VAE_ATTN_RESHAPE = re.compile(
-    r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight"
-)
+_VAE_ATTN_RESHAPE = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
 
 
 def _vae_level(
@@ -430,9 +428,7 @@ def diffusers_to_ldm(component: str, key: str, layout: UNetLayout) -> str:
         raise KeyError(f"unknown component {component!r}; expected one of {COMPONENTS}")
     mapped = _TO_LDM[component](key, layout)
     if mapped is None:
-        raise KeyError(
-            f"cannot place diffusers {component} key {key!r} in a single-file checkpoint with {layout}"
-        )
+        raise KeyError(f"cannot place diffusers {component} key {key!r} in a single-file checkpoint with {layout}")
     return LDM_PREFIXES[component] + mapped
 
 

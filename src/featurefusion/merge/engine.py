@@ -45,6 +45,7 @@ class MergeJob:
     metadata: dict[str, str] = field(default_factory=dict)
     nan_policy: str = "error"
     progress: bool | None = None  # None: show when writing to a terminal
+    template: Path | None = None  # pipeline folder to copy configs from when writing --format diffusers
 
 
 @dataclass
@@ -83,11 +84,15 @@ def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
         out_dtype = DTYPES[dtype_name]
         modules = group_modules(base, components_written(fmt))
         entries = [
-            (key, out_dtype if base.ref(key).dtype.is_floating_point else base.ref(key).dtype, base.ref(key).shape)
+            (
+                key,
+                out_dtype if base.ref(key).dtype.is_floating_point else base.ref(key).dtype,
+                base.ref(key).shape,
+            )
             for module in modules
             for key in module.keys.values()
         ]
-        plan = plan_output(fmt, job.output, entries, base)
+        plan = plan_output(fmt, job.output, entries, base, job.template)
         skipped: list[str] = []
         try:
             with CheckpointWriter(plan, job.metadata) as writer:
@@ -95,7 +100,10 @@ def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
                 for module, tensors in _prefetch(_read_modules(models, methods, modules)):
                     merged = _merge_module(module, tensors, models, methods[module.component], job.nan_policy, skipped)
                     for suffix, key in module.keys.items():
-                        writer.write(key, merged[suffix].to(out_dtype) if merged[suffix].is_floating_point() else merged[suffix])
+                        writer.write(
+                            key,
+                            merged[suffix].to(out_dtype) if merged[suffix].is_floating_point() else merged[suffix],
+                        )
                     bar.update(len(module.keys))
                 bar.close()
                 for method in {id(m): m for m in methods.values()}.values():
@@ -108,7 +116,11 @@ def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
                 side.abort()
             raise
     if skipped:
-        log.warning("%d modules had NaN/Inf in a model and were copied from the base: %s", len(skipped), ", ".join(skipped[:5]))
+        log.warning(
+            "%d modules had NaN/Inf in a model and were copied from the base: %s",
+            len(skipped),
+            ", ".join(skipped[:5]),
+        )
     return MergeReport(job.output, fmt, dtype_name, len(entries), time.perf_counter() - start, skipped)
 
 

@@ -153,7 +153,9 @@ class Coefficients:
     kept: int  # entries with |P| >= threshold
 
 
-def coefficients(stats: LayerStatistics, options: FeatureFusionOptions, rows: torch.Tensor | None = None) -> Coefficients:
+def coefficients(
+    stats: LayerStatistics, options: FeatureFusionOptions, rows: torch.Tensor | None = None
+) -> Coefficients:
     """Normalised coefficient rows for base neurons `rows` (default: all n)."""
     n = stats.cov.shape[0]
     rows = torch.arange(n) if rows is None else rows
@@ -191,7 +193,11 @@ def drop_model(stats: LayerStatistics, n: int, model: int) -> LayerStatistics:
 
 
 def merge_layer(
-    stack: torch.Tensor, biases: torch.Tensor | None, n: int, stats: LayerStatistics, options: FeatureFusionOptions
+    stack: torch.Tensor,
+    biases: torch.Tensor | None,
+    n: int,
+    stats: LayerStatistics,
+    options: FeatureFusionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor | None, Coefficients]:
     """W = C K and b = C [b_1; ...; b_N], computed in row chunks to bound memory."""
     merged = torch.empty(n, stack.shape[1])

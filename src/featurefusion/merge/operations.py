@@ -26,6 +26,7 @@ class OutputOptions:
     dtype: str | None = None
     nan_policy: str = "error"
     progress: bool | None = None
+    template: Path | None = None
 
 
 def statistics_path(output: Path) -> Path:
@@ -58,19 +59,44 @@ def merge(
     refs = [ModelRef(str(m), model_hash(m)) for m in models]
     if method == "soup":
         alphas = normalised_weights(weights, len(models))
-        recipe_options = {"members": [{"path": r.path, "sha256": r.sha256, "weight": a} for r, a in zip(refs, alphas, strict=True)]}
+        recipe_options = {
+            "members": [{"path": r.path, "sha256": r.sha256, "weight": a} for r, a in zip(refs, alphas, strict=True)]
+        }
         soup = WeightedSum(alphas)
         methods = {c: soup for c, rule in components.items() if rule != "base"}
         recipe = Recipe("merge", "soup", refs, recipe_options, components, out.format, out.dtype, out.nan_policy)
         return _run(models, output, methods, recipe, out)
     options = options or FeatureFusionOptions()
-    recipe = Recipe("merge", "featurefusion", refs, options.as_dict(), components, out.format, out.dtype, out.nan_policy)
-    sidecar = StatisticsSidecar.create(statistics_path(output), options, [r.sha256 for r in refs]) if save_statistics else None
+    recipe = Recipe(
+        "merge", "featurefusion", refs, options.as_dict(), components, out.format, out.dtype, out.nan_policy
+    )
+    sidecar = (
+        StatisticsSidecar.create(statistics_path(output), options, [r.sha256 for r in refs])
+        if save_statistics
+        else None
+    )
     methods = _featurefusion_methods(components, FeatureFusion(options, record=sidecar), len(models))
     return _run(models, output, methods, recipe, out, sidecar)
 
 
-def soup_add(soup: Path, model: Path, output: Path, weight: float | None = None, out: OutputOptions | None = None) -> MergeReport:
+def convert(model: Path, output: Path, out: OutputOptions) -> MergeReport:
+    """Rewrite one model in another layout or dtype (every tensor copied, none merged)."""
+    recipe = Recipe(
+        "merge",
+        "copy",
+        [ModelRef(str(model), model_hash(model))],
+        {},
+        {c: "base" for c in COMPONENTS},
+        out.format,
+        out.dtype,
+        out.nan_policy,
+    )
+    return _run([Path(model)], output, {}, recipe, out)
+
+
+def soup_add(
+    soup: Path, model: Path, output: Path, weight: float | None = None, out: OutputOptions | None = None
+) -> MergeReport:
     """Add `model` to an existing soup: theta' = (1 - w) theta + w theta_new (w defaults to 1/(members + 1))."""
     parent = _recipe_of_model(soup)
     if parent.method != "soup":
@@ -84,8 +110,14 @@ def soup_add(soup: Path, model: Path, output: Path, weight: float | None = None,
     return _update_soup(soup, model, output, parent, "soup-add", new_members, add_weights(beta), {"weight": beta}, out)
 
 
-def remove(merged: Path, model: str | Path, output: Path, out: OutputOptions | None = None, models: list[Path] | None = None,
-           statistics: Path | None = None) -> MergeReport:
+def remove(
+    merged: Path,
+    model: str | Path,
+    output: Path,
+    out: OutputOptions | None = None,
+    models: list[Path] | None = None,
+    statistics: Path | None = None,
+) -> MergeReport:
     """Remove a model from a soup (needs its file) or from a FeatureFusion merge (does not)."""
     recipe = _recipe_of_model(merged)
     if recipe.method == "soup":
@@ -111,12 +143,27 @@ def _update_soup(soup, model, output, parent, operation, members, pair_weights, 
     refs = [ModelRef(str(soup), model_hash(soup)), ModelRef(str(model), model_hash(model))]
     pair = WeightedSum(pair_weights)
     methods = {c: pair for c, rule in parent.components.items() if rule != "base"}
-    recipe = Recipe(operation, "soup", refs, {**extra, "members": members}, parent.components, out.format, out.dtype, out.nan_policy)
+    recipe = Recipe(
+        operation,
+        "soup",
+        refs,
+        {**extra, "members": members},
+        parent.components,
+        out.format,
+        out.dtype,
+        out.nan_policy,
+    )
     return _run([Path(soup), Path(model)], output, methods, recipe, out)
 
 
-def unlearn(merged: Path, model: str | Path, output: Path, out: OutputOptions | None = None,
-            models: list[Path] | None = None, statistics: Path | None = None) -> MergeReport:
+def unlearn(
+    merged: Path,
+    model: str | Path,
+    output: Path,
+    out: OutputOptions | None = None,
+    models: list[Path] | None = None,
+    statistics: Path | None = None,
+) -> MergeReport:
     """Remove one specialist from a FeatureFusion merge using its stored statistics (paper §5.2.3).
 
     `model` names the member to remove: its path as written in the recipe, its file (matched by SHA-256),
@@ -148,10 +195,22 @@ def unlearn(merged: Path, model: str | Path, output: Path, out: OutputOptions | 
         out = out or OutputOptions(format=recipe.format, dtype=recipe.dtype, nan_policy=recipe.nan_policy)
         removed = recipe.models[index]
         new_recipe = Recipe(
-            "unlearn", "featurefusion", remaining_refs,
-            {**options.as_dict(), "removed": {"path": removed.path, "sha256": removed.sha256},
-             "statistics": {"path": str(stats_file), "sha256": model_hash(stats_file), "dropped_index": index}},
-            recipe.components, out.format, out.dtype, out.nan_policy,
+            "unlearn",
+            "featurefusion",
+            remaining_refs,
+            {
+                **options.as_dict(),
+                "removed": {"path": removed.path, "sha256": removed.sha256},
+                "statistics": {
+                    "path": str(stats_file),
+                    "sha256": model_hash(stats_file),
+                    "dropped_index": index,
+                },
+            },
+            recipe.components,
+            out.format,
+            out.dtype,
+            out.nan_policy,
         )
         sidecar = StatisticsSidecar.create(statistics_path(output), options, [r.sha256 for r in remaining_refs])
         method = FeatureFusion(options, record=sidecar, replay=replay, dropped_model=index)
@@ -166,6 +225,8 @@ def replay(recipe: Recipe, output: Path, recipe_dir: Path | None = None, progres
     paths = [resolve_model(r, recipe_dir) for r in recipe.models]
     out = OutputOptions(recipe.format, recipe.dtype, recipe.nan_policy, progress)
     components = recipe.components
+    if recipe.method == "copy":
+        return _run(paths, output, {}, recipe, out)
     if recipe.method == "soup":
         if recipe.operation == "merge":
             pair = WeightedSum([m["weight"] for m in recipe.options["members"]])
@@ -206,8 +267,15 @@ def _featurefusion_methods(components: dict[str, str], ff: FeatureFusion, count:
 
 def _run(models, output, methods, recipe: Recipe, out: OutputOptions, sidecar: StatisticsSidecar | None = None):
     job = MergeJob(
-        models=list(models), output=Path(output), methods=methods, output_format=out.format, dtype=out.dtype,
-        metadata=recipe.metadata(), nan_policy=out.nan_policy, progress=out.progress,
+        models=list(models),
+        output=Path(output),
+        methods=methods,
+        output_format=out.format,
+        dtype=out.dtype,
+        metadata=recipe.metadata(),
+        nan_policy=out.nan_policy,
+        progress=out.progress,
+        template=out.template,
     )
     return run_merge(job, side_files=[sidecar] if sidecar else None)
 

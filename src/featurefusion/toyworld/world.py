@@ -287,9 +287,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in ("object", "style", "broad"):
-            raise ValueError(
-                f"task {self.name!r}: kind must be 'object', 'style' or 'broad', not {self.kind!r}"
-            )
+            raise ValueError(f"task {self.name!r}: kind must be 'object', 'style' or 'broad', not {self.kind!r}")
         for values, weights, allowed, what in (
             (self.objects, self.object_weights, OBJECTS, "objects"),
             (self.colours, self.colour_weights, COLOURS, "colours"),
@@ -332,12 +330,8 @@ class Task:
     def probabilities(self) -> dict[str, dict[str, float]]:
         """Marginal sampling probabilities, ``{"objects": {...}, "colours": {...}, "styles": {...}}``."""
         return {
-            "objects": dict(
-                zip(self.objects, _normalise(self.object_weights, len(self.objects)), strict=True)
-            ),
-            "colours": dict(
-                zip(self.colours, _normalise(self.colour_weights, len(self.colours)), strict=True)
-            ),
+            "objects": dict(zip(self.objects, _normalise(self.object_weights, len(self.objects)), strict=True)),
+            "colours": dict(zip(self.colours, _normalise(self.colour_weights, len(self.colours)), strict=True)),
             "styles": dict(zip(self.styles, _normalise(self.style_weights, len(self.styles)), strict=True)),
         }
 
@@ -466,9 +460,7 @@ def sample_specs(task: Task, n: int, seed: int, split: Split = "train") -> list[
 def split_seed(seed: int, split: Split, task: Task | str = "") -> int:
     """The rendering seed :func:`make_batch` uses for ``(seed, split, task)``: disjoint streams per split."""
     name = task.name if isinstance(task, Task) else task
-    seq = np.random.SeedSequence(
-        [_RENDER_SALT, _split_index(split), zlib.crc32(name.encode()), _check_seed(seed)]
-    )
+    seq = np.random.SeedSequence([_RENDER_SALT, _split_index(split), zlib.crc32(name.encode()), _check_seed(seed)])
     state = seq.generate_state(2, dtype=np.uint32)
     return int(state[0]) << 32 | int(state[1])
 
@@ -604,11 +596,7 @@ def _grid(size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_supersample(supersample: int) -> int:
-    if (
-        isinstance(supersample, bool)
-        or not isinstance(supersample, (int, np.integer))
-        or not 1 <= supersample <= 8
-    ):
+    if isinstance(supersample, bool) or not isinstance(supersample, (int, np.integer)) or not 1 <= supersample <= 8:
         raise ValueError(f"supersample must be an integer in [1, 8], got {supersample!r}")
     return int(supersample)
 
@@ -702,9 +690,7 @@ def _render(specs: list[Spec], u: np.ndarray, size: int, supersample: int) -> Re
     )
 
 
-def generate(
-    specs: Sequence[Spec], seed: int, size: int = 16, supersample: int = 2, chunk: int = 2048
-) -> torch.Tensor:
+def generate(specs: Sequence[Spec], seed: int, size: int = 16, supersample: int = 2, chunk: int = 2048) -> torch.Tensor:
     """Images for ``specs`` as a float32 tensor ``[B, 3, size, size]`` in [-1, 1].
 
     Deterministic: the same ``(specs, seed, size, supersample)`` give bitwise identical output, and image
@@ -749,16 +735,10 @@ def to_pil(image: torch.Tensor | np.ndarray, upscale: int = 1) -> Image.Image:
     if arr.ndim != 3:
         raise ValueError("to_pil takes one [3, H, W] image; use image_grid for a batch")
     img = Image.fromarray(arr, mode="RGB")
-    return (
-        img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
-        if upscale > 1
-        else img
-    )
+    return img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST) if upscale > 1 else img
 
 
-def image_grid(
-    images: torch.Tensor | np.ndarray, nrow: int = 8, upscale: int = 4, pad: int = 1
-) -> Image.Image:
+def image_grid(images: torch.Tensor | np.ndarray, nrow: int = 8, upscale: int = 4, pad: int = 1) -> Image.Image:
     """A batch ``[B, 3, H, W]`` in [-1, 1] as one PIL grid, ``nrow`` images per row, nearest upscaling."""
     arr = to_uint8(images)
     if arr.ndim == 3:
