@@ -1,8 +1,13 @@
 """What a merge method is: a function over the tensors of one module, one list entry per model.
 
 The engine owns all I/O. For each module (a group of keys sharing a prefix, e.g. `...conv1.weight` and
-`...conv1.bias`) it reads the float tensors of every model as float32, calls `merge_module`, and writes the
-result. A method never sees file names or non-float tensors (those are copied from the base, never averaged).
+`...conv1.bias`) it reads the float tensors of every model in their stored dtype (often fp16), calls
+`merge_module`, and writes the result in the output dtype. A method does its maths in float32 and never sees
+file names or non-float tensors (those are copied from the base, never averaged).
+
+NaN/Inf checks: when any non-finite input necessarily makes the output non-finite (`propagates_non_finite`,
+true of weighted sums and copies), the engine checks the one output instead of every input, and looks for
+the culprit only when the output is bad. Other methods get every input checked before they run.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ class MergeMethod(Protocol):
     name: str
     min_models: int
     reads_all_models: bool  # False: only model 0 is read (a copy), so other models need not hold the keys
+    propagates_non_finite: bool  # True: a NaN/Inf in any input always shows in the output
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]: ...
 
@@ -30,6 +36,7 @@ class CopyBase:
     name = "copy-base"
     min_models = 1
     reads_all_models = False
+    propagates_non_finite = True
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         return {suffix: values[0] for suffix, values in tensors.items()}

@@ -1,7 +1,7 @@
 """The merge engine: walks a model module by module, asks a method for the merged tensors, streams them out.
 
-Memory: at any time the engine holds the tensors of at most two modules (the one being merged and the one
-being read ahead on a background thread), each as float32 for every model. Peak memory therefore grows with
+Memory: at any time the engine holds the tensors of a few modules: one read ahead on a background thread,
+one being merged, and up to two tensors being written behind on another thread. Peak memory therefore grows with
 the number of models times the largest layer, not with the size of the models.
 
 Checks before anything is written: enough models, output path not among the inputs, the same keys and
@@ -12,6 +12,7 @@ read is checked for NaN/Inf. Any failure names the file and key and leaves nothi
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -67,6 +68,15 @@ class Module:
 
 def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
     """Run a merge. `side_files` are extra writers (with commit/abort) committed only if the merge succeeds."""
+    try:
+        return _run_merge(job, side_files or [])
+    except BaseException:
+        for side in side_files or []:
+            side.abort()
+        raise
+
+
+def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
     if job.nan_policy not in NAN_POLICIES:
         raise RecipeError(f"nan policy must be one of {NAN_POLICIES}")
     check_output_path(job.output, job.models)
@@ -94,27 +104,27 @@ def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
         ]
         plan = plan_output(fmt, job.output, entries, base, job.template)
         skipped: list[str] = []
-        try:
-            with CheckpointWriter(plan, job.metadata) as writer:
-                bar = tqdm(total=len(entries), unit="key", desc="merging", disable=_bar_disabled(job.progress))
-                for module, tensors in _prefetch(_read_modules(models, methods, modules)):
-                    merged = _merge_module(module, tensors, models, methods[module.component], job.nan_policy, skipped)
-                    for suffix, key in module.keys.items():
-                        writer.write(
-                            key,
-                            merged[suffix].to(out_dtype) if merged[suffix].is_floating_point() else merged[suffix],
-                        )
-                    bar.update(len(module.keys))
+        _return_freed_memory_to_the_system()
+        with CheckpointWriter(plan, job.metadata) as writer:
+            bar = tqdm(total=len(entries), unit="key", desc="merging", disable=_bar_disabled(job.progress))
+            behind = _WriteBehind(writer, out_dtype)
+            try:
+                for read in _prefetch(_read_modules(models, methods, modules)):
+                    merged = _merge_module(read, models, methods[read.module.component], job.nan_policy, skipped)
+                    for suffix, key in read.module.keys.items():
+                        behind.put(key, merged[suffix])
+                    bar.update(len(read.module.keys))
+            except BaseException:
+                behind.close(reraise=False)
+                raise
+            finally:
                 bar.close()
-                for method in {id(m): m for m in methods.values()}.values():
-                    method.finish()
-                for side in side_files or []:
-                    side.commit()
-                writer.commit()
-        except BaseException:
-            for side in side_files or []:
-                side.abort()
-            raise
+            behind.close()
+            for method in {id(m): m for m in methods.values()}.values():
+                method.finish()
+            for side in side_files:
+                side.commit()
+            writer.commit()
     if skipped:
         log.warning(
             "%d modules had NaN/Inf in a model and were copied from the base: %s",
@@ -178,16 +188,41 @@ def group_modules(base: Checkpoint, components: tuple[str, ...]) -> list[Module]
     return list(modules.values())
 
 
-def _read_modules(models, methods, modules) -> Iterator[tuple[Module, dict[str, list[torch.Tensor]]]]:
+@dataclass
+class ReadModule:
+    module: Module
+    tensors: dict[str, list[torch.Tensor]]  # suffix -> one tensor per model read, in its stored dtype
+    non_finite: list[tuple[int, str]]  # (model index, key suffix) of inputs found holding NaN or Inf
+
+
+def _read_modules(models, methods, modules) -> Iterator[ReadModule]:
     for module in modules:
-        readers = models if methods[module.component].reads_all_models else models[:1]
+        method = methods[module.component]
+        readers = models if method.reads_all_models else models[:1]
         tensors = {}
         for suffix, key in module.keys.items():
             if models[0].ref(key).dtype.is_floating_point:
-                tensors[suffix] = [m.read(key).float() for m in readers]
+                tensors[suffix] = [model.read(key) for model in readers]
             else:
                 tensors[suffix] = [models[0].read(key)]  # ids, counters: copied, never averaged
-        yield module, tensors
+        # Methods that always pass NaN/Inf through get their output checked instead (see _merge_module).
+        non_finite = [] if method.propagates_non_finite else _non_finite_inputs(tensors)
+        yield ReadModule(module, tensors, non_finite)
+
+
+def _non_finite_inputs(tensors: dict[str, list[torch.Tensor]]) -> list[tuple[int, str]]:
+    return [
+        (index, suffix)
+        for suffix, values in tensors.items()
+        for index, value in enumerate(values)
+        if value.is_floating_point() and not _all_finite(value)
+    ]
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # A sum runs on all cores and allocates nothing; it is finite exactly when every element is, unless it
+    # overflows, which the exact (slower) element-wise check then settles.
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
@@ -224,25 +259,73 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
         thread.join(timeout=5)
 
 
-def _merge_module(module: Module, tensors, models, method: MergeMethod, nan_policy: str, skipped: list[str]):
+class _WriteBehind:
+    """Casts and writes tensors on a background thread, so output I/O overlaps the merge maths."""
+
+    def __init__(self, writer: CheckpointWriter, dtype: torch.dtype, depth: int = 2):
+        self._writer, self._dtype = writer, dtype
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                key, tensor = item
+                try:
+                    self._writer.write(key, tensor.to(self._dtype) if tensor.is_floating_point() else tensor)
+                except BaseException as err:
+                    self._error = err
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((key, tensor))
+
+    def close(self, reraise: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if reraise and self._error is not None:
+            raise self._error
+
+
+def _merge_module(read: ReadModule, models, method: MergeMethod, nan_policy: str, skipped: list[str]):
+    module, tensors = read.module, read.tensors
+    if read.non_finite:
+        return _handle_non_finite(read, read.non_finite[0], models, nan_policy, skipped)
     floats = {s: v for s, v in tensors.items() if v[0].is_floating_point()}
-    for suffix, values in floats.items():
-        for model, value in zip(models, values, strict=False):
-            if not torch.isfinite(value).all():
-                if nan_policy == "error" or model is models[0]:
-                    raise CheckpointError(
-                        "tensor holds NaN or Inf" + ("" if nan_policy == "error" else " in the base model"),
-                        model.source_file(module.keys[suffix]),
-                        module.keys[suffix],
-                    )
-                log.warning("NaN/Inf in %s of %s: module copied from the base", module.keys[suffix], model.path)
-                skipped.append(module.name)
-                return {s: v[0] for s, v in tensors.items()}
     merged = method.merge_module(module.name, floats) if floats else {}
+    if method.propagates_non_finite and not all(_all_finite(merged[s]) for s in floats):
+        culprits = _non_finite_inputs(tensors)
+        if not culprits:
+            raise CheckpointError(
+                f"the merge produced NaN or Inf from finite inputs ({method.name})", None, module.name
+            )
+        return _handle_non_finite(read, culprits[0], models, nan_policy, skipped)
     for suffix, values in tensors.items():
         if suffix not in floats:
             merged[suffix] = values[0]
     return merged
+
+
+def _handle_non_finite(read: ReadModule, culprit: tuple[int, str], models, nan_policy: str, skipped: list[str]):
+    index, suffix = culprit
+    key = read.module.keys[suffix]
+    if nan_policy == "error" or index == 0:
+        where = "" if nan_policy == "error" else " in the base model"
+        raise CheckpointError(f"tensor holds NaN or Inf{where}", models[index].source_file(key), key)
+    log.warning("NaN/Inf in %s of %s: module copied from the base", key, models[index].path)
+    skipped.append(read.module.name)
+    return {s: v[0] for s, v in read.tensors.items()}
+
+
+def _return_freed_memory_to_the_system() -> None:
+    """glibc raises its mmap threshold after large frees, after which freed tensors stay in the heap and
+    count as resident memory. A fixed threshold keeps big buffers in mmap, returned on free."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
 
 
 def _dtype_name(base: Checkpoint) -> str:

@@ -121,6 +121,7 @@ class FeatureFusion:
     name = "featurefusion"
     min_models = 2
     reads_all_models = True
+    propagates_non_finite = False  # a NaN neuron can drop out of C, so inputs are checked
 
     def __init__(
         self,
@@ -143,8 +144,8 @@ class FeatureFusion:
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         weights = tensors.get("weight")
         if weights is None or weights[0].ndim not in (2, 4):
-            return {suffix: torch.stack(values).mean(dim=0) for suffix, values in tensors.items()}
-        out = {suffix: torch.stack(v).mean(dim=0) for suffix, v in tensors.items() if suffix not in ("weight", "bias")}
+            return {suffix: _mean(values) for suffix, values in tensors.items()}
+        out = {suffix: _mean(v) for suffix, v in tensors.items() if suffix not in ("weight", "bias")}
         biases = tensors.get("bias")
         parts = 2 if module.endswith(SPLIT_IN_HALVES) else 1
         n_total = weights[0].shape[0]
@@ -154,8 +155,8 @@ class FeatureFusion:
         merged_w, merged_b = [], []
         for part in range(parts):
             rows = slice(part * n, (part + 1) * n)
-            stack = torch.cat([w[rows].reshape(n, -1) for w in weights])
-            bias_stack = None if biases is None else torch.cat([b[rows] for b in biases])
+            stack = torch.cat([w[rows].reshape(n, -1) for w in weights]).float()
+            bias_stack = None if biases is None else torch.cat([b[rows] for b in biases]).float()
             name = module if parts == 1 else f"{module}#{part}"
             stats = self._statistics(name, stack, n)
             w, b, coef = merge_layer(stack, bias_stack, n, stats, self.options)
@@ -182,3 +183,7 @@ class FeatureFusion:
                 "%d neurons kept their base weights because their 'paper' normaliser sum_j C_ij was ~0",
                 self.degenerate_rows,
             )
+
+
+def _mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).float().mean(dim=0)

@@ -17,6 +17,7 @@ from featurefusion.merge.base import ModuleTensors
 class WeightedSum:
     name = "weighted-sum"
     reads_all_models = True
+    propagates_non_finite = True  # w * NaN, w * Inf (NaN when w = 0) and Inf - Inf are all non-finite
 
     def __init__(self, weights: list[float], min_models: int = 2):
         if len(weights) < min_models:
@@ -27,9 +28,9 @@ class WeightedSum:
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         out = {}
         for suffix, values in tensors.items():
-            acc = values[0] * self.weights[0]
+            acc = values[0].to(torch.float32, copy=True).mul_(self.weights[0])
             for w, value in zip(self.weights[1:], values[1:], strict=True):
-                acc.add_(value, alpha=w)
+                acc.add_(value, alpha=w)  # fp16/bf16 inputs are widened inside the kernel, not copied
             out[suffix] = acc
         return out
 
