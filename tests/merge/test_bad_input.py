@@ -10,7 +10,7 @@ from featurefusion.errors import CheckpointError, FeatureFusionError, RecipeErro
 from featurefusion.merge import operations
 from featurefusion.merge.operations import OutputOptions
 
-from conftest import build_unet, build_text_encoder, build_vae, to_ldm  # noqa: I001
+from conftest import build_text_encoder, build_unet, build_vae, to_ldm
 
 
 @pytest.fixture
