@@ -7,7 +7,8 @@ import torch
 
 from featurefusion.merge.featurefusion_math import (
     FeatureFusionOptions,
-    coefficients,
+    LayerStatistics,
+    coefficient_matrix,
     drop_model,
     layer_statistics,
     merge_layer,
@@ -21,7 +22,26 @@ ALL_OPTIONS = [
 
 def merged(stack, n, options, bias=None):
     stats = layer_statistics(stack, n, options, "layer")
-    return merge_layer(stack, bias, n, stats, options)
+    layer = merge_layer(stack, bias, n, stats, options)
+    return layer.weight, layer.bias, layer
+
+
+def reference_coefficients(stack, n, options):
+    """C written out entry by entry from the paper's definitions, as a check on the factored computation."""
+    k = stack.double()
+    cov = k @ k.T
+    var = cov.diagonal()
+    p = cov / torch.sqrt(var.unsqueeze(1) * var.unsqueeze(0))
+    slope = cov / (var.unsqueeze(0) if options.slope == "rescale" else var.unsqueeze(1))
+    a = p.abs() * (p.abs() >= options.threshold)
+    c = a * slope
+    if options.normalization == "convex":
+        c = c / a.sum(1, keepdim=True)
+    elif options.normalization == "paper":
+        c = c / c.sum(1, keepdim=True)
+    else:
+        c = c / c.abs().sum(0, keepdim=True)
+    return c[:n].float()
 
 
 def orthogonal_rows(n, d, seed=0):
@@ -29,11 +49,23 @@ def orthogonal_rows(n, d, seed=0):
     return q.T.contiguous() * torch.linspace(0.5, 2.0, n).unsqueeze(1)  # distinct norms on purpose
 
 
-def test_exact_statistics_are_dot_products():
+def test_exact_statistics_are_cosines_and_norms():
     stack = torch.randn(6, 5)
     stats = layer_statistics(stack, 2, FeatureFusionOptions(), "l")
-    assert torch.allclose(stats.cov, stack[:2] @ stack.T)
-    assert torch.allclose(stats.var, (stack**2).sum(1))
+    cos = torch.nn.functional.cosine_similarity(stack[:2].unsqueeze(1), stack.unsqueeze(0), dim=-1)
+    assert torch.allclose(stats.correlation_rows(torch.arange(2)), cos, atol=1e-6)
+    assert torch.allclose(stats.sigma, stack.norm(dim=1))
+
+
+@pytest.mark.parametrize("options", ALL_OPTIONS, ids=str)
+def test_factored_coefficients_match_the_definitions(options):
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(5, 9, generator=gen)
+    stack = torch.cat(
+        [base, base + 0.5 * torch.randn(5, 9, generator=gen), -2 * base + torch.randn(5, 9, generator=gen)]
+    )
+    stats = layer_statistics(stack, 5, options, "l")
+    assert torch.allclose(coefficient_matrix(stats, 5, options), reference_coefficients(stack, 5, options), atol=1e-5)
 
 
 @pytest.mark.parametrize("options", ALL_OPTIONS, ids=str)
@@ -71,21 +103,19 @@ def test_rescale_slope_undoes_a_scaled_copy_and_regress_squares_it():
     assert torch.allclose(regressed, 5.0 * base, atol=1e-4)
 
 
-def test_convex_rows_sum_to_one_and_paper_rows_too():
+def test_paper_rows_sum_to_one():
     stack = torch.randn(9, 7, generator=torch.Generator().manual_seed(3))
-    for normalization in ("convex", "paper"):
-        options = FeatureFusionOptions(normalization=normalization, threshold=0.0, slope="rescale")
-        stats = layer_statistics(stack, 3, options, "l")
-        coef = coefficients(stats, options)
-        if normalization == "paper":
-            assert torch.allclose(coef.matrix.sum(1), torch.ones(3), atol=1e-5)
-        else:
-            weights = coef.matrix / torch.where(coef.matrix == 0, 1.0, _slopes(stats))
-            assert torch.allclose(weights.sum(1), torch.ones(3), atol=1e-5)
+    options = FeatureFusionOptions(normalization="paper", threshold=0.0)
+    c = coefficient_matrix(layer_statistics(stack, 3, options, "l"), 3, options)
+    assert torch.allclose(c.sum(1), torch.ones(3), atol=1e-5)
 
 
-def _slopes(stats):
-    return stats.cov / stats.var.unsqueeze(0)
+def test_paper_normalisation_keeps_the_base_neuron_when_its_row_sum_vanishes():
+    # k_2 = -k_1 in the second model: C row = [1 * 1, |-1| * (-1)] sums to zero
+    base = orthogonal_rows(2, 4)
+    stack = torch.cat([base, -base])
+    out, _, layer = merged(stack, 2, FeatureFusionOptions(normalization="paper", slope="regress"))
+    assert layer.degenerate_rows == 2 and torch.equal(out, base)
 
 
 def test_sampled_statistics_converge_to_the_exact_ones():
@@ -121,11 +151,12 @@ def test_dropping_a_model_equals_merging_without_it(normalization, mode):
     models = [base] + [base + 0.4 * torch.randn(5, 8, generator=gen) for _ in range(3)]
     options = FeatureFusionOptions(mode=mode, normalization=normalization, threshold=0.3, samples=256)
     full = layer_statistics(torch.cat(models), 5, options, "l")
+    stored = LayerStatistics(full.sigma, correlation=full.correlation_rows(torch.arange(5)), column_l1=full.column_l1)
     for j in (1, 2, 3):
         rest = torch.cat([m for i, m in enumerate(models) if i != j])
         fresh = layer_statistics(rest, 5, options, "l")
-        unlearned, _, _ = merge_layer(rest, None, 5, drop_model(full, 5, j), options)
-        direct, _, _ = merge_layer(rest, None, 5, fresh, options)
+        unlearned = merge_layer(rest, None, 5, drop_model(stored, 5, j), options).weight
+        direct = merge_layer(rest, None, 5, fresh, options).weight
         assert torch.allclose(unlearned, direct, atol=1e-5)
 
 

@@ -8,9 +8,9 @@ What is merged how:
 - Everything else that is float (GroupNorm/LayerNorm scales and shifts, ...): averaged uniformly, as the
   authors do; the paper does not cover them.
 
-Unlearning (paper §5.2.3). While merging, the second moments behind the coefficient matrix C (covariances
-of base neurons with every neuron that passed the threshold, and all variances) are streamed to a sidecar
-file. Removing model j then needs neither model j's file nor a new pass of statistics: drop j's columns,
+Unlearning (paper §5.2.3). While merging, what the coefficient matrix C is made of (the correlations P of
+base neurons with every neuron that passed the threshold, and every neuron's feature scale) is streamed to
+a sidecar file. Removing model j then needs neither model j's file nor a new pass of statistics: drop j's columns,
 renormalise, and multiply with the remaining models' weights. The result is exactly the merge of the
 remaining models.
 """
@@ -29,7 +29,6 @@ from featurefusion.merge.base import ModuleTensors
 from featurefusion.merge.featurefusion_math import (
     FeatureFusionOptions,
     LayerStatistics,
-    correlation_magnitude,
     drop_model,
     layer_statistics,
     merge_layer,
@@ -38,7 +37,7 @@ from featurefusion.merge.featurefusion_math import (
 log = logging.getLogger(__name__)
 
 SPLIT_IN_HALVES = ("ff.net.0.proj",)  # GEGLU: value and gate halves
-COEFFICIENTS_FORMAT = "featurefusion-statistics/1"
+COEFFICIENTS_FORMAT = "featurefusion-statistics/2"
 
 
 class StatisticsSidecar:
@@ -77,30 +76,38 @@ class StatisticsSidecar:
     def model_hashes(self) -> list[str]:
         return json.loads(self._reader.metadata["models"])
 
-    def store(self, layer: str, stats: LayerStatistics, threshold: float) -> None:
-        # Entries below the threshold get no weight whatever the normalisation, so they need not be kept.
-        # The margin keeps entries that sit on the threshold up to rounding; extra entries are harmless.
-        keep = correlation_magnitude(stats) >= threshold * (1 - 1e-4)
-        index = keep.nonzero().T.to(torch.int32)
-        self._writer.write(f"{layer}::var", stats.var)
-        self._writer.write(f"{layer}::cov_index", index.contiguous())
-        self._writer.write(f"{layer}::cov_value", stats.cov[keep].contiguous())
-        self._writer.write(f"{layer}::shape", torch.tensor(stats.cov.shape, dtype=torch.int64))
-        if stats.column_l1 is not None:
-            self._writer.write(f"{layer}::column_l1", stats.column_l1)
+    def recorder(self, layer: str, n: int, total: int):
+        """A `record` callback for `merge_layer` that keeps P where it passed the threshold (the rest gets no
+        weight whatever the normalisation, so it need not be kept), and a `finish(stats)` to write it out."""
+        indices, values = [], []
+
+        def record(rows: torch.Tensor, p: torch.Tensor, a: torch.Tensor) -> None:
+            local = a.nonzero()
+            indices.append(torch.stack([rows[local[:, 0]], local[:, 1]]).to(torch.int32))
+            values.append(p[local[:, 0], local[:, 1]])
+
+        def finish(stats: LayerStatistics) -> None:
+            self._writer.write(f"{layer}::sigma", stats.sigma)
+            self._writer.write(f"{layer}::p_index", torch.cat(indices, dim=1).contiguous())
+            self._writer.write(f"{layer}::p_value", torch.cat(values).contiguous())
+            self._writer.write(f"{layer}::shape", torch.tensor([n, total], dtype=torch.int64))
+            if stats.column_l1 is not None:
+                self._writer.write(f"{layer}::column_l1", stats.column_l1)
+
+        return record, finish
 
     def load(self, layer: str) -> LayerStatistics:
         r = self._reader
         try:
             shape = tuple(r.read(f"{layer}::shape").tolist())
-            index = r.read(f"{layer}::cov_index").long()
-            cov = torch.zeros(shape)
-            cov[index[0], index[1]] = r.read(f"{layer}::cov_value")
-            var = r.read(f"{layer}::var")
+            index = r.read(f"{layer}::p_index").long()
+            correlation = torch.zeros(shape)
+            correlation[index[0], index[1]] = r.read(f"{layer}::p_value")
+            sigma = r.read(f"{layer}::sigma")
         except CheckpointError as err:
             raise CheckpointError("statistics missing for a layer of the merge", r.path, layer) from err
         column_l1 = r.read(f"{layer}::column_l1") if f"{layer}::column_l1" in r else None
-        return LayerStatistics(cov=cov, var=var, column_l1=column_l1)
+        return LayerStatistics(sigma=sigma, correlation=correlation, column_l1=column_l1)
 
     def commit(self) -> None:
         if self._writer:
@@ -158,24 +165,22 @@ class FeatureFusion:
             stack = torch.cat([w[rows].reshape(n, -1) for w in weights]).float()
             bias_stack = None if biases is None else torch.cat([b[rows] for b in biases]).float()
             name = module if parts == 1 else f"{module}#{part}"
-            stats = self._statistics(name, stack, n)
-            w, b, coef = merge_layer(stack, bias_stack, n, stats, self.options)
-            self.degenerate_rows += coef.degenerate_rows
-            merged_w.append(w)
-            merged_b.append(b)
+            if self.replay is not None:
+                stats = drop_model(self.replay.load(name), n, self.dropped_model)
+            else:
+                stats = layer_statistics(stack, n, self.options, name)
+            record, finish = self.record.recorder(name, n, stack.shape[0]) if self.record else (None, None)
+            layer = merge_layer(stack, bias_stack, n, stats, self.options, record)
+            if finish:
+                finish(stats)
+            self.degenerate_rows += layer.degenerate_rows
+            merged_w.append(layer.weight)
+            merged_b.append(layer.bias)
         self.layers += 1
         out["weight"] = torch.cat(merged_w).reshape(weights[0].shape)
         if biases is not None:
             out["bias"] = torch.cat(merged_b)
         return out
-
-    def _statistics(self, layer: str, stack: torch.Tensor, n: int) -> LayerStatistics:
-        if self.replay is not None:
-            return drop_model(self.replay.load(layer), n, self.dropped_model)
-        stats = layer_statistics(stack, n, self.options, layer)
-        if self.record is not None:
-            self.record.store(layer, stats, self.options.threshold)
-        return stats
 
     def finish(self) -> None:
         if self.degenerate_rows:

@@ -6,11 +6,17 @@ features F = K x. For every base neuron i and every neuron j of K:
 
     P_ij = Pearson correlation of (F_i, F_j)      S_ij = regression slope      C_ij = |P_ij| * S_ij
 
-and the merged layer is W = C K (biases: b = C [b_1; ...; b_N]), with C normalised per row.
+and the merged layer is W = C K (biases: b = C [b_1; ...; b_N]), with C normalised.
 
 Statistics. For x ~ N(0, I), Cov(k_i.x, k_j.x) = k_i.k_j and Var(k_i.x) = |k_i|^2, so the paper's sampled
-statistics converge to dot products of the weights. `exact` mode uses those (no noise, no seed);
-`sampled` mode draws the inputs as the paper does. Both feed the same `coefficients` function.
+statistics converge to the weights' cosines and norms. `exact` mode uses those (no noise, no seed); `sampled`
+mode draws inputs as the paper does. Either way a layer is described by unit-length feature rows U (so
+P = U_base U^T comes straight out of one matrix product) and each neuron's feature scale sigma.
+
+Slopes are ratios of scales: cov_ij / var_j = P_ij sigma_i / sigma_j, and cov_ij / var_i = P_ij sigma_j / sigma_i.
+So C = diag(r) Q diag(c) with Q = |P| * P, and W = C K needs no per-entry slope matrix:
+
+    W = diag(r) Q (diag(c) K)         rescale: r = sigma, c = 1/sigma;   regress: r = 1/sigma, c = sigma
 
 Choices the paper leaves open (each an option, defaults in `FeatureFusionOptions`):
 - slope: `rescale` = cov_ij / var_j, the factor that makes k_j look like k_i (if k_j = m k_i it is 1/m, so
@@ -49,7 +55,7 @@ class FeatureFusionOptions:
     samples: int = 2048
     seed: int = 0
     sample_dtype: str = "float32"
-    chunk_rows: int = 1024  # base neurons processed at once; bounds the [rows, N*n] matrices in memory
+    chunk_rows: int = 512  # base neurons processed at once; bounds the [rows, N*n] matrices in memory
 
     def __post_init__(self):
         checks = [
@@ -71,11 +77,21 @@ class FeatureFusionOptions:
 
 @dataclass
 class LayerStatistics:
-    """Second moments of the layer's features: covariances of base neurons with every neuron, variances."""
+    """What the coefficients of a layer are made from.
 
-    cov: torch.Tensor  # [n, N*n]
-    var: torch.Tensor  # [N*n]
-    column_l1: torch.Tensor | None = None  # [N, N*n]: per model block, sum over its rows of |C| (column mode)
+    Either `unit` (unit-length feature rows, P computed on demand) or `correlation` (P of the base rows with
+    every neuron, as stored for unlearning) is set."""
+
+    sigma: torch.Tensor  # [N*n] feature scale of every neuron (only ratios matter)
+    unit: torch.Tensor | None = None  # [N*n, d'] unit-length feature rows
+    correlation: torch.Tensor | None = None  # [n, N*n] Pearson P of base neurons with every neuron
+    column_l1: torch.Tensor | None = None  # [N, N*n] per model block: sum over its rows of |C| / c_j (column mode)
+
+    def correlation_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """P of the given base neurons with every neuron; a neuron's correlation with itself is exactly 1."""
+        p = self.correlation[rows] if self.correlation is not None else self.unit[rows] @ self.unit.T
+        p[torch.arange(len(rows)), rows] = 1.0
+        return p
 
 
 def layer_seed(seed: int, layer: str) -> int:
@@ -84,112 +100,56 @@ def layer_seed(seed: int, layer: str) -> int:
 
 
 def layer_statistics(stack: torch.Tensor, n: int, options: FeatureFusionOptions, layer: str) -> LayerStatistics:
-    """`stack` is K, [N*n, d] in float32. Returns exact or sampled second moments."""
+    """`stack` is K, [N*n, d] in float32. Exact: the weight rows themselves; sampled: F = K x, centred."""
     if options.mode == "exact":
         features = stack
-        var = (stack * stack).sum(dim=1)
-        scale = 1.0
     else:
         dtype = SAMPLE_DTYPES[options.sample_dtype]
         gen = torch.Generator().manual_seed(layer_seed(options.seed, layer))
         x = torch.randn(stack.shape[1], options.samples, generator=gen, dtype=torch.float32).to(dtype)
-        features = (stack.to(dtype) @ x).float()  # F = K x, one column per sample
+        features = (stack.to(dtype) @ x).float()  # one column per sample
         del x
         features -= features.mean(dim=1, keepdim=True)
-        scale = 1.0 / (options.samples - 1)
-        var = (features * features).sum(dim=1) * scale
-    cov = (features[:n] @ features.T) * scale
-    stats = LayerStatistics(cov=cov, var=var)
+    sigma = features.norm(dim=1)
+    unit = features / torch.where(sigma > 0, sigma, 1.0).unsqueeze(1)  # zero neurons stay zero
+    stats = LayerStatistics(sigma=sigma, unit=unit)
     if options.normalization == "column":
-        stats.column_l1 = _column_l1_by_block(features, var, n, scale, options)
+        stats.column_l1 = _column_l1_by_block(stats, n, options)
     return stats
 
 
-def _column_l1_by_block(features, var, n, scale, options) -> torch.Tensor:
-    """Sum over the rows of each model of |C_i'j| for the full [N*n, N*n] matrix, one block of rows at a time."""
-    total = features.shape[0]
+def slope_factors(sigma: torch.Tensor, slope: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, c) with S_ij = P_ij r_i c_j. A neuron with zero scale gets zero factors: it adds nothing."""
+    safe = torch.where(sigma > 0, sigma, 1.0)
+    inverse = torch.where(sigma > 0, 1.0 / safe, 0.0)
+    return (sigma, inverse) if slope == "rescale" else (inverse, sigma)
+
+
+def _thresholded(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """|P| with entries below the threshold set to zero."""
+    a = p.abs()
+    return a.mul_(a >= threshold)
+
+
+def _column_l1_by_block(stats: LayerStatistics, n: int, options: FeatureFusionOptions) -> torch.Tensor:
+    """For the full [N*n, N*n] matrix, sum over the rows of each model of |C_i'j| / c_j = r_i' |P_i'j|^2."""
+    total = stats.sigma.shape[0]
+    r, _ = slope_factors(stats.sigma, options.slope)
     blocks = torch.zeros(total // n, total)
     for start in range(0, total, options.chunk_rows):
         rows = torch.arange(start, min(start + options.chunk_rows, total))
-        cov = (features[rows] @ features.T) * scale
-        raw = _raw_coefficients(cov, var, rows, options)
-        block_of_row = rows // n
-        blocks.index_add_(0, block_of_row, raw.abs())
+        full = LayerStatistics(sigma=stats.sigma, unit=stats.unit)
+        a = _thresholded(full.correlation_rows(rows), options.threshold)
+        blocks.index_add_(0, rows // n, a.square_().mul_(r[rows].unsqueeze(1)))
     return blocks
 
 
-def _raw_coefficients(cov: torch.Tensor, var: torch.Tensor, rows: torch.Tensor, options: FeatureFusionOptions):
-    """|P| * S with |P| < threshold zeroed, for the given rows of the full matrix (cov is [len(rows), N*n])."""
-    abs_p, slope = _correlation_and_slope(cov, var, rows, options)
-    abs_p[abs_p < options.threshold] = 0.0
-    return abs_p * slope
-
-
-def _correlation_and_slope(cov, var, rows, options):
-    var_i = var[rows].unsqueeze(1)
-    var_j = var.unsqueeze(0)
-    denom = torch.sqrt(var_i * var_j)
-    abs_p = torch.where(denom > 0, cov.abs() / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0).clamp_(max=1.0)
-    ref = var_j if options.slope == "rescale" else var_i
-    slope = torch.where(ref > 0, cov / ref.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    # A neuron is perfectly correlated with itself with slope 1, even when it is all zeros.
-    local = torch.arange(len(rows))
-    abs_p[local, rows] = 1.0
-    slope[local, rows] = 1.0
-    return abs_p, slope
-
-
-def correlation_magnitude(stats: LayerStatistics) -> torch.Tensor:
-    """|P| of every base neuron with every neuron, [n, N*n]."""
-    rows = torch.arange(stats.cov.shape[0])
-    neutral = FeatureFusionOptions()
-    return _correlation_and_slope(stats.cov, stats.var, rows, neutral)[0]
-
-
 @dataclass
-class Coefficients:
-    matrix: torch.Tensor  # [n, N*n], the C of W = C K
+class MergedLayer:
+    weight: torch.Tensor  # [n, d]
+    bias: torch.Tensor | None
     degenerate_rows: int  # rows left as the base's because their `paper` normaliser vanished
-    kept: int  # entries with |P| >= threshold
-
-
-def coefficients(
-    stats: LayerStatistics, options: FeatureFusionOptions, rows: torch.Tensor | None = None
-) -> Coefficients:
-    """Normalised coefficient rows for base neurons `rows` (default: all n)."""
-    n = stats.cov.shape[0]
-    rows = torch.arange(n) if rows is None else rows
-    abs_p, slope = _correlation_and_slope(stats.cov[rows], stats.var, rows, options)
-    abs_p[abs_p < options.threshold] = 0.0
-    kept = int((abs_p > 0).sum())
-    raw = abs_p * slope
-    degenerate = 0
-    if options.normalization == "convex":
-        matrix = raw / abs_p.sum(dim=1, keepdim=True)
-    elif options.normalization == "paper":
-        z = raw.sum(dim=1, keepdim=True)
-        bad = z.abs() < DEGENERATE_ROW_SUM
-        degenerate = int(bad.sum())
-        matrix = raw / torch.where(bad, 1.0, z)
-        if degenerate:
-            identity = torch.zeros_like(matrix)
-            identity[torch.arange(len(rows)), rows] = 1.0
-            matrix = torch.where(bad, identity, matrix)
-    else:
-        assert stats.column_l1 is not None, "column normalisation needs column_l1 statistics"
-        matrix = raw / stats.column_l1.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
-    return Coefficients(matrix, degenerate, kept)
-
-
-def drop_model(stats: LayerStatistics, n: int, model: int) -> LayerStatistics:
-    """Statistics as if model `model` (0-based, not the base) had never been in the merge (paper §5.2.3)."""
-    total = stats.var.shape[0]
-    keep = torch.cat([torch.arange(0, model * n), torch.arange((model + 1) * n, total)])
-    column_l1 = None
-    if stats.column_l1 is not None:
-        blocks = torch.cat([stats.column_l1[:model], stats.column_l1[model + 1 :]])
-        column_l1 = blocks[:, keep]
-    return LayerStatistics(cov=stats.cov[:, keep], var=stats.var[keep], column_l1=column_l1)
+    kept: int  # entries of C with |P| >= threshold
 
 
 def merge_layer(
@@ -198,17 +158,61 @@ def merge_layer(
     n: int,
     stats: LayerStatistics,
     options: FeatureFusionOptions,
-) -> tuple[torch.Tensor, torch.Tensor | None, Coefficients]:
-    """W = C K and b = C [b_1; ...; b_N], computed in row chunks to bound memory."""
-    merged = torch.empty(n, stack.shape[1])
-    merged_bias = None if biases is None else torch.empty(n)
+    record=None,
+) -> MergedLayer:
+    """W = C K and b = C [b_1; ...; b_N], in chunks of base rows to bound memory.
+
+    `record(rows, p, a)` (optional) receives each chunk's P and thresholded |P|, e.g. to store them."""
+    r, c = slope_factors(stats.sigma, options.slope)
+    if options.normalization == "column":
+        # C_ij / sum_i' |C_i'j| = r_i Q_ij / (sum_i' r_i' |P_i'j|^2): the column factor c_j cancels.
+        colsum = stats.column_l1.sum(dim=0)
+        c = torch.where((colsum > 0) & (c != 0), 1.0 / torch.where(colsum > 0, colsum, 1.0), 0.0)
+    scaled = stack * c.unsqueeze(1)
+    scaled_bias = None if biases is None else biases * c
+    weight = torch.empty(n, stack.shape[1])
+    bias = None if biases is None else torch.empty(n)
     degenerate = kept = 0
     for start in range(0, n, options.chunk_rows):
         rows = torch.arange(start, min(start + options.chunk_rows, n))
-        coef = coefficients(stats, options, rows)
-        merged[rows] = coef.matrix @ stack
-        if biases is not None:
-            merged_bias[rows] = coef.matrix @ biases
-        degenerate += coef.degenerate_rows
-        kept += coef.kept
-    return merged, merged_bias, Coefficients(torch.empty(0), degenerate, kept)
+        p = stats.correlation_rows(rows)
+        a = _thresholded(p, options.threshold)
+        if record is not None:
+            record(rows, p, a)
+        kept += int(torch.count_nonzero(a))
+        q = a * p  # |P| * P: the sign of the correlation is carried by the slope
+        if options.normalization == "convex":
+            scale = r[rows] / a.sum(dim=1)
+        elif options.normalization == "paper":
+            z = r[rows] * (q @ c)
+            bad = z.abs() < DEGENERATE_ROW_SUM
+            degenerate += int(bad.sum())
+            scale = torch.where(bad, 0.0, r[rows] / torch.where(bad, 1.0, z))
+        else:
+            scale = r[rows]
+        weight[rows] = (q @ scaled).mul_(scale.unsqueeze(1))
+        if bias is not None:
+            bias[rows] = (q @ scaled_bias) * scale
+        if options.normalization == "paper" and bad.any():
+            weight[rows[bad]] = stack[rows[bad]]  # keep the base neuron
+            if bias is not None:
+                bias[rows[bad]] = biases[rows[bad]]
+    return MergedLayer(weight, bias, degenerate, kept)
+
+
+def drop_model(stats: LayerStatistics, n: int, model: int) -> LayerStatistics:
+    """Statistics as if model `model` (0-based, not the base) had never been in the merge (paper §5.2.3)."""
+    assert stats.correlation is not None, "unlearning works on stored correlations"
+    total = stats.sigma.shape[0]
+    keep = torch.cat([torch.arange(0, model * n), torch.arange((model + 1) * n, total)])
+    column_l1 = None
+    if stats.column_l1 is not None:
+        blocks = torch.cat([stats.column_l1[:model], stats.column_l1[model + 1 :]])
+        column_l1 = blocks[:, keep]
+    return LayerStatistics(sigma=stats.sigma[keep], correlation=stats.correlation[:, keep], column_l1=column_l1)
+
+
+def coefficient_matrix(stats: LayerStatistics, n: int, options: FeatureFusionOptions) -> torch.Tensor:
+    """The normalised C ([n, N*n]) itself, for inspection and tests; merging never builds it."""
+    total = stats.sigma.shape[0]
+    return merge_layer(torch.eye(total), None, n, stats, options).weight
