@@ -144,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     _add_output_args(p)
 
+    p = sub.add_parser("demo", help="the paper's experiment on the built-in world: merge, sample, score, report")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where models and report.md go")
+    p.add_argument("--images-per-task", type=int, help="test images per task and model (default 48)")
+    p.add_argument("--steps", type=int, help="DDIM sampling steps (default 15)")
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer images, no ablation sweep) to try things")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("toyworld", help="the built-in world's models")
+    tw = p.add_subparsers(dest="toyworld_command", required=True)
+    t = tw.add_parser("train", help="rebuild the shipped base, specialists and scorer from scratch")
+    t.add_argument("--out", type=Path, help="folder to write to (default: the package's checkpoints folder)")
+    t.add_argument("--base-steps", type=int)
+    t.add_argument("--specialist-steps", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("recipe", help="print the recipe embedded in a merged model as YAML")
     p.add_argument("path", type=Path)
     return parser
@@ -253,6 +269,38 @@ def cmd_convert(args) -> None:
     _report(operations.convert(args.model, args.output, _out(args)))
 
 
+def cmd_demo(args) -> None:
+    from dataclasses import replace
+
+    from featurefusion.toyworld.demo import DemoConfig, quick_config, run_demo
+
+    config = quick_config(args.out) if args.quick else DemoConfig(out=args.out)
+    evaluation = config.evaluation
+    if args.images_per_task:
+        evaluation = replace(evaluation, images_per_task=args.images_per_task)
+    if args.steps:
+        evaluation = replace(evaluation, steps=args.steps)
+    config = replace(config, evaluation=evaluation, progress=False if args.no_progress else None)
+    report = run_demo(config)
+    print(f"report: {report}")
+
+
+def cmd_toyworld(args) -> None:
+    import json
+    from dataclasses import replace
+
+    from featurefusion.toyworld.demo import SHIPPED
+    from featurefusion.toyworld.train import TrainConfig, build_world
+
+    config = TrainConfig(seed=args.seed)
+    if args.base_steps:
+        config = replace(config, base_steps=args.base_steps)
+    if args.specialist_steps:
+        config = replace(config, specialist_steps=args.specialist_steps)
+    timings = build_world(args.out or SHIPPED, config, progress=False if args.no_progress else None)
+    print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))
+
+
 def cmd_recipe(args) -> None:
     from featurefusion.io.recipe import Recipe
 
@@ -280,6 +328,8 @@ COMMANDS = {
     "add": cmd_add,
     "remove": cmd_remove,
     "convert": cmd_convert,
+    "demo": cmd_demo,
+    "toyworld": cmd_toyworld,
     "recipe": cmd_recipe,
 }
 

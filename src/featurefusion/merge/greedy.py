@@ -1,0 +1,83 @@
+"""Greedy and reverse-greedy soups (Diffusion Soup §4.2): choose which models enter a uniform soup by a metric.
+
+- Greedy: start from the best single model; try the others in order of their own score, best first, and keep
+  each one whose addition improves the soup's score.
+- Reverse greedy: start from the uniform soup of all models; try removing them in order of their own score,
+  worst first, and keep each removal that improves the soup's score.
+
+The metric is any function of a set of model indices (the caller builds that uniform soup and scores it on
+held-out prompts: the built-in world's scorer, ImageReward, CLIP score, ...). Scores are cached per set, and
+higher is better.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+Score = Callable[[tuple[int, ...]], float]
+
+
+@dataclass
+class GreedyResult:
+    chosen: tuple[int, ...]
+    score: float
+    steps: list[tuple[str, tuple[int, ...], float]] = field(default_factory=list)  # (action, set, score)
+    evaluations: int = 0
+
+    def weights(self, count: int) -> list[float]:
+        """Uniform soup weights over the chosen models, zero for the others."""
+        return [1.0 / len(self.chosen) if i in self.chosen else 0.0 for i in range(count)]
+
+
+class _Cached:
+    def __init__(self, score: Score):
+        self._score, self.cache = score, {}
+
+    def __call__(self, members: Sequence[int]) -> float:
+        key = tuple(sorted(members))
+        if key not in self.cache:
+            self.cache[key] = float(self._score(key))
+        return self.cache[key]
+
+
+def _individual_order(score: _Cached, count: int, individual: Sequence[float] | None) -> list[int]:
+    values = list(individual) if individual is not None else [score((i,)) for i in range(count)]
+    return sorted(range(count), key=lambda i: values[i], reverse=True)
+
+
+def greedy_soup(count: int, score: Score, individual: Sequence[float] | None = None) -> GreedyResult:
+    cached = _Cached(score)
+    order = _individual_order(cached, count, individual)
+    chosen = [order[0]]
+    best = cached(chosen)
+    result = GreedyResult((), best, [("start", (order[0],), best)])
+    for candidate in order[1:]:
+        trial = cached([*chosen, candidate])
+        kept = trial > best
+        result.steps.append((f"{'add' if kept else 'skip'} {candidate}", tuple(sorted([*chosen, candidate])), trial))
+        if kept:
+            chosen.append(candidate)
+            best = trial
+    result.chosen, result.score, result.evaluations = tuple(sorted(chosen)), best, len(cached.cache)
+    return result
+
+
+def reverse_greedy_soup(count: int, score: Score, individual: Sequence[float] | None = None) -> GreedyResult:
+    cached = _Cached(score)
+    order = list(reversed(_individual_order(cached, count, individual)))  # worst first
+    chosen = list(range(count))
+    best = cached(chosen)
+    result = GreedyResult((), best, [("start", tuple(chosen), best)])
+    for candidate in order:
+        if len(chosen) == 1:
+            break
+        rest = [i for i in chosen if i != candidate]
+        trial = cached(rest)
+        kept = trial > best
+        result.steps.append((f"{'remove' if kept else 'keep'} {candidate}", tuple(rest), trial))
+        if kept:
+            chosen = rest
+            best = trial
+    result.chosen, result.score, result.evaluations = tuple(sorted(chosen)), best, len(cached.cache)
+    return result

@@ -1,0 +1,34 @@
+"""The shipped models and the demo, on reduced settings."""
+
+import pytest
+
+from featurefusion.evaluate.toy import EvalSettings, Evaluator
+from featurefusion.toyworld.demo import SHIPPED, quick_config, run_demo
+from featurefusion.toyworld.models import load_pipeline
+from featurefusion.toyworld.scorer import load_scorer
+from featurefusion.toyworld.train import SPECIALIST_TASKS
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "base").exists(), reason="shipped toy-world models not built")
+
+
+def test_every_shipped_specialist_beats_the_base_on_its_own_task():
+    scorer = load_scorer(SHIPPED / "scorer.safetensors")
+    evaluator = Evaluator(scorer, list(SPECIALIST_TASKS), EvalSettings(images_per_task=24, steps=10, seed=5))
+    base = evaluator(load_pipeline(SHIPPED / "base"), with_fid=False).alignment()
+    for name in SPECIALIST_TASKS:
+        specialist = load_pipeline(SHIPPED / "base", SHIPPED / "specialists" / f"{name}.safetensors")
+        own = evaluator(specialist, with_fid=False).alignment()[name]
+        assert own >= base[name] + 10, f"{name}: specialist {own:.1f} vs base {base[name]:.1f}"
+
+
+def test_the_demo_runs_end_to_end(tmp_path):
+    from dataclasses import replace
+
+    config = replace(quick_config(tmp_path / "demo"), specialists=SPECIALIST_TASKS[:2], greedy=True, progress=False)
+    report = run_demo(config)
+    text = report.read_text()
+    for heading in ("Every model on every task", "Unlearning", "FeatureFusion ablation", "Greedy soups", "Times"):
+        assert heading in text
+    for picture in ("alignment.png", "fid.png", "grid.png"):
+        assert (report.parent / picture).stat().st_size > 1000
+    assert "specialist objects-round" in text and "without objects-angular" in text
