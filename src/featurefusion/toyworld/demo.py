@@ -310,7 +310,7 @@ def _unlearning_section(state: DemoState, alignment) -> list[str]:
             extra={"own task lost": lambda name: f"{own_drop[name]:+.1f}" if name in own_drop else "–"},
         ),  # fmt: skip
         "",
-        f"Base on each task: {', '.join(f'{t} {alignment["base"][t]:.1f}' for t in tasks)}.",
+        "Base on each task: " + ", ".join(f"{t} {alignment['base'][t]:.1f}" for t in tasks) + ".",
         "",
     ]
 

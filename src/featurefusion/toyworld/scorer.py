@@ -232,12 +232,34 @@ def spec_labels(specs: Sequence[Spec]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _augment(images: torch.Tensor, gen: torch.Generator, noise_max: float) -> torch.Tensor:
-    """Pixel noise of a random strength in [0, noise_max] per image (half the images stay clean)."""
-    b = images.shape[0]
-    sigma = torch.rand(b, 1, 1, 1, generator=gen) * noise_max
-    sigma = sigma * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5)
-    return (images + sigma * torch.randn(images.shape, generator=gen)).clamp_(-1, 1)
+def _augment(
+    images: torch.Tensor, gen: torch.Generator, noise_max: float, shift_max: int, light_max: float
+) -> torch.Tensor:
+    """Random translation, brightness / contrast and pixel noise, per image.
+
+    * translation by a whole number of pixels in ``[-shift_max, shift_max]`` along each axis, the border
+      replicated (the image edges are background), so the object is judged wherever it sits;
+    * on half the images, a global brightness offset uniform in ``[-light_max, light_max]`` and a contrast
+      gain uniform in ``[1 - light_max, 1 + light_max]`` (the same for all channels, so hues stay);
+    * Gaussian pixel noise of a random strength in ``[0, noise_max]`` on half the images.
+    """
+    b, _, h, w = images.shape
+    if shift_max > 0:
+        padded = F.pad(images, (shift_max,) * 4, mode="replicate")
+        off = torch.randint(0, 2 * shift_max + 1, (2, b), generator=gen)
+        rows = (torch.arange(h)[None, :] + off[0][:, None])[:, None, :, None]
+        cols = (torch.arange(w)[None, :] + off[1][:, None])[:, None, None, :]
+        images = padded[torch.arange(b)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, cols]
+    if light_max > 0:
+        on = (torch.rand(b, 1, 1, 1, generator=gen) < 0.5).float()
+        gain = 1 + on * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * light_max
+        offset = on * (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * light_max
+        images = (images * gain + offset).clamp(-1, 1)
+    if noise_max > 0:
+        sigma = torch.rand(b, 1, 1, 1, generator=gen) * noise_max
+        sigma = sigma * (torch.rand(b, 1, 1, 1, generator=gen) < 0.5)
+        images = (images + sigma * torch.randn(images.shape, generator=gen)).clamp_(-1, 1)
+    return images
 
 
 def train_scorer(
@@ -249,6 +271,8 @@ def train_scorer(
     *,
     lr: float = 3e-3,
     noise_augment: float = 0.15,
+    shift_augment: int = 2,
+    light_augment: float = 0.2,
 ) -> Scorer:
     """Train a :class:`Scorer` with the default architecture on freshly generated images.
 
@@ -289,8 +313,7 @@ def train_scorer(
                     slice(k * (batch_size - n_broad), (k + 1) * (batch_size - n_broad)),
                 )
                 images = torch.cat([imgs_b[sb], imgs_u[su]])
-                if noise_augment > 0:
-                    images = _augment(images, gen, noise_augment)
+                images = _augment(images, gen, noise_augment, shift_augment, light_augment)
                 logits = scorer(images)
                 loss = sum(
                     F.cross_entropy(logits[a], torch.cat([labels_b[a][sb], labels_u[a][su]])) for a in ATTRIBUTES
