@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from featurefusion.toyworld.models import ToyPipeline, build_pipeline
+from featurefusion.toyworld.models import ToyPipeline, build_pipeline, load_pipeline
 from featurefusion.toyworld.world import Task, make_batch, standard_tasks
 
 SPECIALIST_TASKS = (
@@ -149,9 +149,9 @@ def build_world(out_dir: Path, config: TrainConfig = TrainConfig(), progress: bo
     timings = {}
     start = time.perf_counter()
     base = train_base(config, progress)
-    base.unet.to(torch.float16)
+    base.unet.to(torch.float16)  # shipped in fp16 to keep the package small
     base.save_pretrained(out_dir / "base", safe_serialization=True)
-    base.unet.to(torch.float32)
+    base = load_pipeline(out_dir / "base")  # specialists start from the base exactly as shipped
     timings["base"] = time.perf_counter() - start
     for name in SPECIALIST_TASKS:
         start = time.perf_counter()
