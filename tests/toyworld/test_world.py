@@ -217,12 +217,14 @@ def test_broad_task_is_skewed_as_documented():
     styles = Counter(s.style for s in specs)
     objects = Counter(s.object for s in specs)
     n = len(specs)
-    assert abs(styles["plain"] / n - 0.85) < 0.02
+    assert abs(styles["plain"] / n - 0.97) < 0.01
     for style in SPECIAL_STYLES:
-        assert abs(styles[style] / n - 0.05) < 0.01
+        assert abs(styles[style] / n - 0.01) < 0.004
+    # rare objects weigh 0.06 against 1.0: 0.06 / (4 + 4 * 0.06) = 1.4 %, the others 23.6 %
     for obj in OBJECTS:
-        expected = 0.05 if obj in RARE_OBJECTS else 0.20
-        assert abs(objects[obj] / n - expected) < 0.015, obj
+        expected = 0.06 / 4.24 if obj in RARE_OBJECTS else 1 / 4.24
+        assert abs(objects[obj] / n - expected) < 0.01, obj
+    assert all(objects[obj] > 0 for obj in OBJECTS)  # every word is still seen
     colours = Counter(s.colour for s in specs)
     assert all(abs(colours[c] / n - 0.25) < 0.02 for c in COLOURS)
 

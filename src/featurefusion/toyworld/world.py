@@ -342,8 +342,8 @@ def _normalise(weights: Sequence[float] | None, n: int) -> list[float]:
 
 
 def broad_task(
-    plain_weight: float = 0.85,
-    rare_object_weight: float = 0.25,
+    plain_weight: float = 0.97,
+    rare_object_weight: float = 0.06,
     rare_objects: Sequence[str] = RARE_OBJECTS,
 ) -> Task:
     """The skewed "everything" distribution the base model is trained on.
@@ -353,10 +353,10 @@ def broad_task(
     data therefore shows every object, colour and style (so every prompt word is seen), but:
 
     * ``plain_weight``: probability of the ``plain`` style; the remaining mass is split evenly over the
-      three special styles (default 0.85 -> 5 % each). The style specialists are trained on exactly those
+      three special styles (default 0.97 -> 1 % each). The style specialists are trained on exactly those
       rare styles.
     * ``rare_object_weight``: relative weight of each object in ``rare_objects`` versus 1.0 for the others
-      (default 0.25 -> a rare object is 5 % of the data, a common one 20 %). :data:`RARE_OBJECTS` holds one
+      (default 0.06 -> a rare object is 1.4 % of the data, a common one 23.6 %). :data:`RARE_OBJECTS` holds one
       object of every object group, so every object specialist's task contains an object the base has
       rarely seen.
 
