@@ -97,7 +97,7 @@ class ToyPipeline(DiffusionPipeline):
         ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
         return self.text_encoder(ids).last_hidden_state
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         prompts: list[str],
