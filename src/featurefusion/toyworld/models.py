@@ -148,6 +148,9 @@ def build_pipeline(seed: int = 0) -> ToyPipeline:
 
 def load_pipeline(folder: str | Path, unet_weights: str | Path | None = None) -> ToyPipeline:
     """A saved toy model; `unet_weights` swaps in a specialist's (or merged) UNet weights file."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per tiny load drowns the demo's own progress
     folder = Path(folder)
     pipe = ToyPipeline(
         unet=UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32),
