@@ -138,8 +138,7 @@ def _column_l1_by_block(stats: LayerStatistics, n: int, options: FeatureFusionOp
     blocks = torch.zeros(total // n, total)
     for start in range(0, total, options.chunk_rows):
         rows = torch.arange(start, min(start + options.chunk_rows, total))
-        full = LayerStatistics(sigma=stats.sigma, unit=stats.unit)
-        a = _thresholded(full.correlation_rows(rows), options.threshold)
+        a = _thresholded(stats.correlation_rows(rows), options.threshold)
         blocks.index_add_(0, rows // n, a.square_().mul_(r[rows].unsqueeze(1)))
     return blocks
 

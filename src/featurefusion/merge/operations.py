@@ -107,7 +107,7 @@ def soup_add(
     ref = ModelRef(str(model), model_hash(model))
     new_members = [{**m, "weight": m["weight"] * keep} for m in members]
     new_members.append({"path": ref.path, "sha256": ref.sha256, "weight": new})
-    return _update_soup(soup, model, output, parent, "soup-add", new_members, add_weights(beta), {"weight": beta}, out)
+    return _update_soup(soup, model, output, parent, "soup-add", new_members, [keep, new], {"weight": beta}, out)
 
 
 def remove(
