@@ -1,0 +1,5 @@
+import sys
+
+from featurefusion.cli import main
+
+sys.exit(main())

@@ -1,0 +1,222 @@
+"""Sub-commands that read, merge, convert and unmerge checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from featurefusion.cli.common import add_output_args, output_options, print_report
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="say what a checkpoint is: layout, components, parameters, dtype, recipe")
+    p.set_defaults(handler=cmd_inspect)
+    p.add_argument("path", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("merge", help="merge models (base first) with FeatureFusion or a soup, or replay a recipe")
+    p.set_defaults(handler=cmd_merge)
+    p.add_argument("models", nargs="*", type=Path, help="checkpoints, base model first")
+    p.add_argument("--method", choices=("featurefusion", "soup"), default="featurefusion")
+    p.add_argument("--weights", type=float, nargs="+", help="soup weights, one per model (normalised to sum 1)")
+    p.add_argument(
+        "--text-encoder",
+        choices=("base", "average"),
+        default="base",
+        help="copy from the base (default) or average",
+    )
+    p.add_argument("--vae", choices=("base", "average"), default="base", help="copy from the base (default) or average")
+    p.add_argument("--recipe", type=Path, help="replay a recipe YAML (or a merged model's embedded recipe)")
+    p.add_argument(
+        "--no-statistics",
+        action="store_true",
+        help="FeatureFusion: do not store the statistics that unlearning needs",
+    )
+    add_output_args(p)
+    add_featurefusion_args(p)
+
+    p = sub.add_parser("soup", help="Diffusion Soup of models (uniform or weighted)")
+    p.set_defaults(handler=cmd_soup)
+    p.add_argument("models", nargs="+", type=Path)
+    p.add_argument("--weights", type=float, nargs="+")
+    p.add_argument("--text-encoder", choices=("base", "average"), default="base")
+    p.add_argument("--vae", choices=("base", "average"), default="base")
+    add_output_args(p)
+
+    p = sub.add_parser("add", help="add a model to an existing soup")
+    p.set_defaults(handler=cmd_add)
+    p.add_argument("soup", type=Path)
+    p.add_argument("model", type=Path)
+    p.add_argument("--weight", type=float, help="weight of the new model (default 1/(members+1))")
+    add_output_args(p)
+
+    p = sub.add_parser("remove", help="remove a model from a soup (needs its file) or a FeatureFusion merge (does not)")
+    p.set_defaults(handler=cmd_remove)
+    p.add_argument("merged", type=Path)
+    p.add_argument("model", help="the member to remove: path as in the recipe, file, SHA-256 prefix or index")
+    p.add_argument(
+        "--models",
+        type=Path,
+        nargs="+",
+        help="FeatureFusion: remaining members, if not at their recorded paths",
+    )
+    p.add_argument(
+        "--statistics",
+        type=Path,
+        help="FeatureFusion statistics file (default: <merged>.ffstats.safetensors)",
+    )
+    add_output_args(p)
+
+    p = sub.add_parser("convert", help="rewrite a model in another layout (ldm, diffusers-unet, diffusers) or dtype")
+    p.set_defaults(handler=cmd_convert)
+    p.add_argument("model", type=Path)
+    add_output_args(p)
+
+    p = sub.add_parser("recipe", help="print the recipe embedded in a merged model as YAML")
+    p.set_defaults(handler=cmd_recipe)
+    p.add_argument("path", type=Path)
+
+
+def add_featurefusion_args(p: argparse.ArgumentParser) -> None:
+    from featurefusion.merge.featurefusion_math import (
+        MODES,
+        NORMALIZATIONS,
+        SAMPLE_DTYPES,
+        SLOPES,
+        FeatureFusionOptions,
+    )
+
+    d = FeatureFusionOptions()
+    g = p.add_argument_group("FeatureFusion options (see docs/featurefusion.md)")
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d.mode,
+        help="exact: closed-form statistics; sampled: the paper's random inputs",
+    )
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        help="neuron pairs with |Pearson| below this get no weight",
+    )
+    g.add_argument(
+        "--slope",
+        choices=SLOPES,
+        default=d.slope,
+        help="rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)",
+    )
+    g.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=d.normalization,
+        help="convex: |P|-weighted blend; paper: divide by sum_j C_ij; column: authors' column L1",
+    )
+    g.add_argument("--samples", type=int, default=d.samples, help="random inputs per layer in sampled mode")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the sampled mode")
+    g.add_argument(
+        "--sample-dtype",
+        choices=tuple(SAMPLE_DTYPES),
+        default=d.sample_dtype,
+        help="dtype of the sampled features",
+    )
+
+
+def cmd_inspect(args) -> None:
+    from featurefusion.io.inspect import describe, format_description
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_description(info))
+
+
+def cmd_merge(args) -> None:
+    from featurefusion.errors import RecipeError
+    from featurefusion.io.recipe import Recipe
+    from featurefusion.merge import operations
+    from featurefusion.merge.featurefusion_math import FeatureFusionOptions
+
+    if args.recipe:
+        if args.models:
+            raise RecipeError("give either --recipe or models, not both")
+        recipe = _load_recipe(args.recipe) if args.recipe.suffix in (".yaml", ".yml") else None
+        recipe = recipe or Recipe.from_dict(_embedded_recipe(args.recipe))
+        print_report(operations.replay(recipe, args.output, args.recipe.parent, False if args.no_progress else None))
+        return
+    options = FeatureFusionOptions(
+        mode=args.mode,
+        threshold=args.threshold,
+        slope=args.slope,
+        normalization=args.normalization,
+        samples=args.samples,
+        seed=args.seed,
+        sample_dtype=args.sample_dtype,
+    )
+    print_report(
+        operations.merge(
+            args.models,
+            args.output,
+            args.method,
+            options=options,
+            weights=args.weights,
+            text_encoder=args.text_encoder,
+            vae=args.vae,
+            out=output_options(args),
+            save_statistics=not args.no_statistics,
+        )
+    )
+
+
+def cmd_soup(args) -> None:
+    from featurefusion.merge import operations
+
+    print_report(
+        operations.merge(
+            args.models,
+            args.output,
+            "soup",
+            weights=args.weights,
+            text_encoder=args.text_encoder,
+            vae=args.vae,
+            out=output_options(args),
+        )
+    )
+
+
+def cmd_add(args) -> None:
+    from featurefusion.merge import operations
+
+    print_report(operations.soup_add(args.soup, args.model, args.output, args.weight, output_options(args)))
+
+
+def cmd_remove(args) -> None:
+    from featurefusion.merge import operations
+
+    report = operations.remove(args.merged, args.model, args.output, output_options(args), args.models, args.statistics)
+    print_report(report)
+
+
+def cmd_convert(args) -> None:
+    from featurefusion.merge import operations
+
+    print_report(operations.convert(args.model, args.output, output_options(args)))
+
+
+def cmd_recipe(args) -> None:
+    from featurefusion.io.recipe import Recipe
+
+    print(Recipe.from_dict(_embedded_recipe(args.path)).to_yaml(), end="")
+
+
+def _load_recipe(path: Path):
+    from featurefusion.io.recipe import Recipe
+
+    return Recipe.from_yaml_file(path)
+
+
+def _embedded_recipe(path: Path) -> dict:
+    from featurefusion.io.checkpoint import open_checkpoint
+    from featurefusion.io.recipe import recipe_of
+
+    with open_checkpoint(path) as checkpoint:
+        return recipe_of(checkpoint.metadata, path).to_dict()

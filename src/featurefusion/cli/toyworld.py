@@ -1,0 +1,57 @@
+"""Sub-commands of the built-in world: the demo (the main job) and rebuilding the shipped models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the paper's experiment on the built-in world: merge, sample, score, report")
+    p.set_defaults(handler=cmd_demo)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where models and report.md go")
+    p.add_argument("--images-per-task", type=int, help="test images per task and model (default 48)")
+    p.add_argument("--steps", type=int, help="DDIM sampling steps (default 15)")
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer images, no ablation sweep) to try things")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("toyworld", help="the built-in world's models")
+    tw = p.add_subparsers(dest="toyworld_command", required=True)
+    t = tw.add_parser("train", help="rebuild the shipped base, specialists and scorer from scratch")
+    t.set_defaults(handler=cmd_toyworld_train)
+    t.add_argument("--out", type=Path, help="folder to write to (default: the package's checkpoints folder)")
+    t.add_argument("--base-steps", type=int)
+    t.add_argument("--specialist-steps", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+
+
+def cmd_demo(args) -> None:
+    from dataclasses import replace
+
+    from featurefusion.toyworld.demo import DemoConfig, quick_config, run_demo
+
+    config = quick_config(args.out) if args.quick else DemoConfig(out=args.out)
+    evaluation = config.evaluation
+    if args.images_per_task:
+        evaluation = replace(evaluation, images_per_task=args.images_per_task)
+    if args.steps:
+        evaluation = replace(evaluation, steps=args.steps)
+    config = replace(config, evaluation=evaluation, progress=False if args.no_progress else None)
+    report = run_demo(config)
+    print(f"report: {report}")
+
+
+def cmd_toyworld_train(args) -> None:
+    import json
+    from dataclasses import replace
+
+    from featurefusion.toyworld.demo import SHIPPED
+    from featurefusion.toyworld.train import TrainConfig, build_world
+
+    config = TrainConfig(seed=args.seed)
+    if args.base_steps:
+        config = replace(config, base_steps=args.base_steps)
+    if args.specialist_steps:
+        config = replace(config, specialist_steps=args.specialist_steps)
+    timings = build_world(args.out or SHIPPED, config, progress=False if args.no_progress else None)
+    print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))
