@@ -192,3 +192,21 @@ def test_merged_single_file_loads_in_diffusers(tiny, tmp_path):
     with torch.no_grad():
         images = pipe("a red circle", num_inference_steps=2, height=16, width=16, output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_model_shares_show_how_featurefusion_weighs_fine_tunes(tiny, tmp_path):
+    from featurefusion.merge.featurefusion import model_shares
+
+    shares = {}
+    for threshold in (0.7, 0.0):
+        out = tmp_path / f"ff-{threshold}.safetensors"
+        operations.merge(tiny.models, out, options=FeatureFusionOptions(threshold=threshold))
+        shares[threshold] = model_shares(operations.statistics_path(out))
+        assert sum(s["share"] for s in shares[threshold]) == pytest.approx(1.0, abs=1e-4)
+    # Specialists close to the base: each neuron is blended with its own copies only, ~1/3 per model.
+    for s in shares[0.7]:
+        assert s["share"] == pytest.approx(1 / 3, abs=0.02)
+        assert s["same_neuron"] > 0.95 * s["share"]
+    # With no threshold every neuron of the layer joins in with its small |P|: together they take a large part
+    # of the mass (about half, in these small layers) away from the same index.
+    assert all(s["same_neuron"] < 0.75 * s["share"] for s in shares[0.0])

@@ -109,6 +109,9 @@ class StatisticsSidecar:
         column_l1 = r.read(f"{layer}::column_l1") if f"{layer}::column_l1" in r else None
         return LayerStatistics(sigma=sigma, correlation=correlation, column_l1=column_l1)
 
+    def layers(self) -> list[str]:
+        return [key.removesuffix("::shape") for key in self._reader.keys() if key.endswith("::shape")]
+
     def commit(self) -> None:
         if self._writer:
             self._writer.commit()
@@ -188,6 +191,35 @@ class FeatureFusion:
                 "%d neurons kept their base weights because their 'paper' normaliser sum_j C_ij was ~0",
                 self.degenerate_rows,
             )
+
+
+def model_shares(statistics: Path) -> list[dict[str, float]]:
+    """How a recorded FeatureFusion merge weighs its models, averaged over every neuron of every layer.
+
+    For model m: `share`, the part of a merged neuron's coefficient mass sum_j |C_ij| that comes from model m's
+    neurons, and `same_neuron`, the part that comes from model m's neuron of the same index i. Fine-tunes of
+    one base keep each neuron close to the base's, so with a high threshold nearly all the mass sits on the
+    same index and every model gets about 1/N: FeatureFusion then behaves like a uniform soup.
+    """
+    from featurefusion.merge.featurefusion_math import coefficient_matrix
+
+    sidecar = StatisticsSidecar.open(statistics)
+    try:
+        options = FeatureFusionOptions(**sidecar.options)
+        models = len(sidecar.model_hashes)
+        share, same, neurons = torch.zeros(models), torch.zeros(models), 0
+        for layer in sidecar.layers():
+            stats = sidecar.load(layer)
+            n = stats.correlation.shape[0]
+            c = coefficient_matrix(stats, n, options).abs()
+            mass = c.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            blocks = (c / mass).reshape(n, models, n)
+            share += blocks.sum(dim=2).sum(dim=0)
+            same += blocks.diagonal(dim1=0, dim2=2).sum(dim=1)
+            neurons += n
+    finally:
+        sidecar.close()
+    return [{"share": float(s / neurons), "same_neuron": float(d / neurons)} for s, d in zip(share, same, strict=True)]
 
 
 def _mean(values: list[torch.Tensor]) -> torch.Tensor:
