@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from featurefusion.io.checkpoint import open_checkpoint
-from featurefusion.io.recipe import Recipe
+from featurefusion.io.recipe import Recipe, recipe_of
 from featurefusion.merge import operations
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.operations import OutputOptions
@@ -210,3 +210,34 @@ def test_model_shares_show_how_featurefusion_weighs_fine_tunes(tiny, tmp_path):
     # With no threshold every neuron of the layer joins in with its small |P|: together they take a large part
     # of the mass (about half, in these small layers) away from the same index.
     assert all(s["same_neuron"] < 0.75 * s["share"] for s in shares[0.0])
+
+
+def test_task_arithmetic_adds_scaled_task_vectors_and_replays(tiny, tmp_path):
+    out = tmp_path / "ta.safetensors"
+    operations.merge(tiny.models, out, "task-arithmetic", scale=0.8)
+    states = [unet(m) for m in tiny.models]
+    expected = {
+        k: states[0][k].float() + 0.8 * sum(s[k].float() - states[0][k].float() for s in states[1:]) for k in states[0]
+    }
+    assert_close(unet(out), expected, atol=1e-5)
+    # With scale 1/N it is the uniform soup.
+    third, soup = tmp_path / "ta3.safetensors", tmp_path / "soup.safetensors"
+    operations.merge(tiny.models, third, "task-arithmetic", scale=1 / 3)
+    operations.merge(tiny.models, soup, "soup")
+    assert_close(unet(third), unet(soup), atol=1e-5)
+    again = tmp_path / "again.safetensors"
+    with open_checkpoint(out) as ckpt:
+        recipe = recipe_of(ckpt.metadata, out)
+    assert recipe.method == "task-arithmetic" and recipe.options["scale"] == 0.8
+    operations.replay(recipe, again)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_task_arithmetic_rejects_bad_options(tiny, tmp_path):
+    from featurefusion.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="scale"):
+        operations.merge(tiny.models, tmp_path / "x.safetensors", "task-arithmetic", scale=-1.0)
+    with pytest.raises(RecipeError, match="one --scale"):
+        operations.merge(tiny.models, tmp_path / "x.safetensors", "task-arithmetic", weights=[1, 1, 1])
+    assert not (tmp_path / "x.safetensors").exists()

@@ -15,11 +15,19 @@ def register(sub) -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("merge", help="merge models (base first) with FeatureFusion or a soup, or replay a recipe")
+    p = sub.add_parser(
+        "merge", help="merge models (base first) with FeatureFusion, a soup or task arithmetic, or replay a recipe"
+    )
     p.set_defaults(handler=cmd_merge)
     p.add_argument("models", nargs="*", type=Path, help="checkpoints, base model first")
-    p.add_argument("--method", choices=("featurefusion", "soup"), default="featurefusion")
+    p.add_argument("--method", choices=("featurefusion", "soup", "task-arithmetic"), default="featurefusion")
     p.add_argument("--weights", type=float, nargs="+", help="soup weights, one per model (normalised to sum 1)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=0.5,
+        help="task arithmetic: base + scale * sum of (specialist - base) (default 0.5)",
+    )
     p.add_argument(
         "--text-encoder",
         choices=("base", "average"),
@@ -163,6 +171,7 @@ def cmd_merge(args) -> None:
             vae=args.vae,
             out=output_options(args),
             save_statistics=not args.no_statistics,
+            scale=args.scale,
         )
     )
 

@@ -15,8 +15,9 @@ from featurefusion.merge.engine import MergeJob, MergeReport, run_merge
 from featurefusion.merge.featurefusion import FeatureFusion, StatisticsSidecar
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.soup import WeightedSum, add_weights, normalised_weights, remove_weights
+from featurefusion.merge.task_arithmetic import DEFAULT_SCALE, task_arithmetic_weights
 
-METHODS = ("featurefusion", "soup")
+METHODS = ("featurefusion", "soup", "task-arithmetic")
 COMPONENT_RULES = ("base", "average")
 
 
@@ -47,8 +48,9 @@ def merge(
     vae: str = "base",
     out: OutputOptions | None = None,
     save_statistics: bool = True,
+    scale: float = DEFAULT_SCALE,
 ) -> MergeReport:
-    """Merge `models` (base first) with FeatureFusion or a soup and write `output`."""
+    """Merge `models` (base first) with FeatureFusion, a soup or task arithmetic (`scale`) and write `output`."""
     models = [Path(m) for m in models]
     out = out or OutputOptions()
     if method not in METHODS:
@@ -57,14 +59,18 @@ def merge(
         raise RecipeError(f"a merge needs at least two models, got {len(models)}")
     components = {"unet": "merge", "text_encoder": _rule(text_encoder), "vae": _rule(vae)}
     refs = [ModelRef(str(m), model_hash(m)) for m in models]
-    if method == "soup":
-        alphas = normalised_weights(weights, len(models))
-        recipe_options = {
-            "members": [{"path": r.path, "sha256": r.sha256, "weight": a} for r, a in zip(refs, alphas, strict=True)]
-        }
-        soup = WeightedSum(alphas)
-        methods = {c: soup for c, rule in components.items() if rule != "base"}
-        recipe = Recipe("merge", "soup", refs, recipe_options, components, out.format, out.dtype, out.nan_policy)
+    if method in ("soup", "task-arithmetic"):
+        if method == "soup":
+            alphas, extra = normalised_weights(weights, len(models)), {}
+        else:
+            if weights is not None:
+                raise RecipeError("task arithmetic takes one --scale, not per-model weights")
+            alphas, extra = task_arithmetic_weights(len(models), scale), {"scale": scale}
+        members = [{"path": r.path, "sha256": r.sha256, "weight": a} for r, a in zip(refs, alphas, strict=True)]
+        methods = _weighted_sum_methods(components, alphas)
+        recipe = Recipe(
+            "merge", method, refs, {**extra, "members": members}, components, out.format, out.dtype, out.nan_policy
+        )
         return _run(models, output, methods, recipe, out)
     options = options or FeatureFusionOptions()
     recipe = Recipe(
@@ -227,6 +233,9 @@ def replay(recipe: Recipe, output: Path, recipe_dir: Path | None = None, progres
     components = recipe.components
     if recipe.method == "copy":
         return _run(paths, output, {}, recipe, out)
+    if recipe.method == "task-arithmetic":
+        methods = _weighted_sum_methods(components, [m["weight"] for m in recipe.options["members"]])
+        return _run(paths, output, methods, recipe, out)
     if recipe.method == "soup":
         if recipe.operation == "merge":
             pair = WeightedSum([m["weight"] for m in recipe.options["members"]])
@@ -254,6 +263,13 @@ def _rule(rule: str) -> str:
     if rule not in COMPONENT_RULES:
         raise RecipeError(f"component rule must be one of {COMPONENT_RULES}, got {rule!r}")
     return rule
+
+
+def _weighted_sum_methods(components: dict[str, str], weights: list[float]) -> dict[str, MergeMethod]:
+    """The UNet and every component whose rule is not 'base' get the weighted sum (components with the rule
+    'average' of a task-arithmetic merge get the same weights: the rule names where the method applies)."""
+    method = WeightedSum(weights)
+    return {c: method for c, rule in components.items() if rule != "base"}
 
 
 def _featurefusion_methods(components: dict[str, str], ff: FeatureFusion, count: int) -> dict[str, MergeMethod]:
