@@ -33,7 +33,9 @@ def test_the_demo_runs_end_to_end(tmp_path):
     config = replace(quick_config(tmp_path / "demo"), specialists=SPECIALIST_TASKS[:2], greedy=True, progress=False)
     report = run_demo(config)
     text = report.read_text()
-    for heading in ("Every model on every task", "Unlearning", "FeatureFusion ablation", "Greedy soups", "Times"):
+    headings = ("Every model on every task", "Unlearning", "FeatureFusion ablation", "How FeatureFusion weighs",
+                "Task arithmetic", "Greedy soups", "Times")  # fmt: skip
+    for heading in headings:
         assert heading in text
     for picture in ("alignment.png", "fid.png", "grid.png"):
         assert (report.parent / picture).stat().st_size > 1000

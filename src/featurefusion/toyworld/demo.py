@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from featurefusion.evaluate.report import heatmap, labelled_grid, markdown_table
 from featurefusion.evaluate.toy import EvalSettings, Evaluator, ModelResult
 from featurefusion.merge import operations
+from featurefusion.merge.featurefusion import model_shares
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.greedy import GreedyResult, greedy_soup, reverse_greedy_soup
 from featurefusion.merge.operations import OutputOptions
@@ -41,6 +42,8 @@ class DemoConfig:
     other_variants: bool = True  # slope, normalisation and sampled-mode rows of the ablation
     unlearning: bool = True
     greedy: bool = True
+    # Task arithmetic's scale is chosen among these on the validation prompts, as the greedy soups are.
+    task_arithmetic_scales: tuple[float, ...] = (0.2, 0.3, 0.5, 1.0)
     progress: bool | None = None
 
 
@@ -53,6 +56,7 @@ def quick_config(out: Path = Path("runs/demo-quick")) -> DemoConfig:
         thresholds=(0.5,),
         other_variants=False,
         greedy=False,
+        task_arithmetic_scales=(0.3,),
     )
 
 
@@ -65,6 +69,8 @@ class DemoState:
     ablation: dict[str, ModelResult] = field(default_factory=dict)
     unlearned: dict[str, ModelResult] = field(default_factory=dict)
     greedy: dict[str, GreedyResult] = field(default_factory=dict)
+    task_arithmetic_search: dict[float, float] = field(default_factory=dict)  # scale -> validation mean
+    shares: list[dict[str, float]] = field(default_factory=list)  # FeatureFusion's weight per model
     validation_scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # shared by both searches
 
     @property
@@ -81,6 +87,9 @@ class DemoState:
     def score(self, unet_file: Path | None, with_fid: bool = True, evaluator: Evaluator | None = None) -> ModelResult:
         pipe = load_pipeline(self.base_dir, unet_file)
         return (evaluator or self.evaluator)(pipe, with_fid)
+
+    def validation_evaluator(self) -> Evaluator:
+        return Evaluator(self.evaluator.scorer, list(self.config.specialists), self.config.validation)
 
 
 def run_demo(config: DemoConfig = DemoConfig()) -> Path:
@@ -110,7 +119,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> Path:
 def _plan(config: DemoConfig):
     steps = [("base", _score_base)]
     steps += [(name, _score_specialist(name)) for name in config.specialists]
-    steps += [("FeatureFusion", _featurefusion), ("soup", _uniform_soup)]
+    steps += [("FeatureFusion", _featurefusion), ("soup", _uniform_soup), ("task arithmetic", _task_arithmetic)]
     if config.greedy:
         steps += [("greedy soup", _greedy("Greedy soup", greedy_soup)),
                   ("reverse-greedy soup", _greedy("Reverse-greedy soup", reverse_greedy_soup))]  # fmt: skip
@@ -140,6 +149,7 @@ def _featurefusion(state: DemoState, models: Path) -> None:
     path = models / "featurefusion.safetensors"
     report = operations.merge(state.inputs, path, options=FeatureFusionOptions(), out=_out())
     state.merge_seconds["FeatureFusion"] = report.seconds
+    state.shares = model_shares(operations.statistics_path(path))
     state.results["FeatureFusion"] = state.score(path)
 
 
@@ -150,9 +160,23 @@ def _uniform_soup(state: DemoState, models: Path) -> None:
     state.results["Soup (uniform)"] = state.score(path)
 
 
+def _task_arithmetic(state: DemoState, models: Path) -> None:
+    start = time.perf_counter()
+    validation = state.validation_evaluator()
+    path = models / "task-arithmetic.safetensors"
+    for scale in state.config.task_arithmetic_scales:
+        operations.merge(state.inputs, path, "task-arithmetic", scale=scale, out=_out())
+        state.task_arithmetic_search[scale] = state.score(path, False, validation).mean_alignment()
+    best = max(state.task_arithmetic_search, key=state.task_arithmetic_search.get)
+    operations.merge(state.inputs, path, "task-arithmetic", scale=best, out=_out())
+    label = f"Task arithmetic (scale {best:g})"
+    state.merge_seconds[label] = time.perf_counter() - start
+    state.results[label] = state.score(path)
+
+
 def _greedy(label: str, search):
     def step(state: DemoState, models: Path) -> None:
-        validation = Evaluator(state.evaluator.scorer, list(state.config.specialists), state.config.validation)
+        validation = state.validation_evaluator()
         inputs = state.inputs
 
         def soup_score(members: tuple[int, ...]) -> float:
@@ -280,6 +304,10 @@ def write_report(state: DemoState, seconds: float) -> Path:
         lines += _unlearning_section(state, alignment)
     if state.ablation:
         lines += _ablation_section(state, alignment)
+    if state.shares:
+        lines += _shares_section(state)
+    if state.task_arithmetic_search:
+        lines += _task_arithmetic_section(state)
     if state.greedy:
         lines += _greedy_section(state)
     lines += _timing_section(state)
@@ -336,6 +364,42 @@ def _ablation_section(state: DemoState, alignment) -> list[str]:
         "",
         f"Uniform soup for comparison: mean {alignment['Soup (uniform)']['mean']:.1f}; base: "
         f"{alignment['base']['mean']:.1f}.",
+        "",
+    ]
+
+
+def _shares_section(state: DemoState) -> list[str]:
+    names = ["base", *state.config.specialists]
+    rows = {
+        name: {"share of the weight": 100 * s["share"], "on the same neuron": 100 * s["same_neuron"]}
+        for name, s in zip(names, state.shares, strict=True)
+    }
+    same = sum(s["same_neuron"] for s in state.shares)
+    return [
+        "## How FeatureFusion weighs the models",
+        "",
+        "For every merged neuron, the part of its coefficients sum_j |C_ij| that falls on each model's neurons, "
+        "averaged over all neurons of all layers (from the statistics stored for unlearning). A uniform soup "
+        f"gives every model {100 / len(names):.1f} %.",
+        "",
+        markdown_table(rows, ["share of the weight", "on the same neuron"], fmt="{:.1f}", bold_best=False),
+        "",
+        f"{100 * same:.1f} % of the weight stays on the neuron of the same index. Specialists fine-tuned from "
+        "one base keep every neuron close to the base's, so above the threshold each base neuron correlates "
+        "with its own copies only, all with |P| ≈ 1 and slope ≈ 1. The merge is then close to a uniform "
+        "soup, and each specialist's change is diluted to about 1/N.",
+        "",
+    ]
+
+
+def _task_arithmetic_section(state: DemoState) -> list[str]:
+    search = ", ".join(f"{scale:g} → {score:.1f}" for scale, score in state.task_arithmetic_search.items())
+    return [
+        "## Task arithmetic (reference)",
+        "",
+        "base + scale × Σ (specialist − base): every specialist's change is added in full, not averaged "
+        "(Ilharco et al., 2023; not one of the four papers, a reference point for what averaging loses). "
+        f"Scale chosen on the validation prompts (mean alignment): {search}.",
         "",
     ]
 
