@@ -12,6 +12,7 @@ from PIL import Image
 
 from featurefusion.toyworld.world import (
     COLOURS,
+    COMMON_OBJECTS,
     OBJECT_GROUPS,
     OBJECTS,
     PALETTE,
@@ -195,7 +196,8 @@ def test_standard_task_set():
             assert len(set(task.objects) & set(RARE_OBJECTS)) == 1
         if task.kind == "style":
             assert len(task.styles) == 1 and task.styles[0] in SPECIAL_STYLES
-            assert task.objects == OBJECTS and task.colours == COLOURS
+            assert task.objects == COMMON_OBJECTS and task.colours == COLOURS
+            assert not set(task.objects) & set(RARE_OBJECTS)
     object_tasks = [t for t in tasks.values() if t.kind == "object"]
     seen = [o for t in object_tasks for o in t.objects]
     assert len(seen) == len(set(seen))  # object groups do not overlap

@@ -49,7 +49,7 @@ A :class:`Task` is a distribution over specs. :func:`standard_tasks` gives
   object group rare.
 * four object tasks (two object kinds each, any colour, ``plain`` style), each containing one object that
   is common in the broad data and one that is rare;
-* three style tasks (one special style each, any object, any colour).
+* three style tasks (one special style each, the four common objects, any colour).
 
 Determinism and splits
 ----------------------
@@ -92,6 +92,7 @@ __all__ = [
     "SPECIAL_STYLES",
     "OBJECT_GROUPS",
     "RARE_OBJECTS",
+    "COMMON_OBJECTS",
     "VOCABULARY",
     "PromptError",
     "Spec",
@@ -130,6 +131,7 @@ OBJECT_GROUPS: dict[str, tuple[str, str]] = {
     "symbol": ("cross", "heart"),
 }
 RARE_OBJECTS: tuple[str, ...] = tuple(group[1] for group in OBJECT_GROUPS.values())
+COMMON_OBJECTS: tuple[str, ...] = tuple(group[0] for group in OBJECT_GROUPS.values())
 
 #: Nominal RGB in [0, 1] of each colour name (before per-sample jitter). Far apart in RGB and each far
 #: from both backgrounds, so a colour stays identifiable after jitter and diffusion noise.
@@ -389,7 +391,9 @@ def standard_tasks() -> dict[str, Task]:
 
     * ``objects-round`` (circle, moon), ``objects-angular`` (square, diamond), ``objects-pointy``
       (triangle, star), ``objects-symbol`` (cross, heart): any colour, ``plain`` style.
-    * ``style-striped``, ``style-outlined``, ``style-dark``: any object, any colour, that one style.
+    * ``style-striped``, ``style-outlined``, ``style-dark``: the four common objects (:data:`COMMON_OBJECTS`),
+      any colour, that one style. Rare objects are left out so that a style task measures the style alone:
+      the base cannot draw them, and a style specialist trained on them would learn objects on the side.
     """
     tasks: dict[str, Task] = {"broad": broad_task()}
     for group, objects in OBJECT_GROUPS.items():
@@ -405,10 +409,10 @@ def standard_tasks() -> dict[str, Task]:
         tasks[f"style-{style}"] = Task(
             name=f"style-{style}",
             kind="style",
-            objects=OBJECTS,
+            objects=COMMON_OBJECTS,
             colours=COLOURS,
             styles=(style,),
-            description=f"style specialist: any object, any colour, {style}",
+            description=f"style specialist: {', '.join(COMMON_OBJECTS)}, any colour, {style}",
         )
     return tasks
 
