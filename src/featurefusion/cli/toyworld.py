@@ -21,6 +21,11 @@ def register(sub) -> None:
     t.add_argument("--out", type=Path, help="folder to write to (default: the package's checkpoints folder)")
     t.add_argument("--base-steps", type=int)
     t.add_argument("--specialist-steps", type=int)
+    t.add_argument(
+        "--specialist-replay",
+        type=float,
+        help="share of each specialist batch drawn from the base's broad data (default 0: the shard only)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
 
@@ -53,5 +58,7 @@ def cmd_toyworld_train(args) -> None:
         config = replace(config, base_steps=args.base_steps)
     if args.specialist_steps:
         config = replace(config, specialist_steps=args.specialist_steps)
+    if args.specialist_replay is not None:
+        config = replace(config, specialist_replay=args.specialist_replay)
     timings = build_world(args.out or SHIPPED, config, progress=False if args.no_progress else None)
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))

@@ -43,6 +43,9 @@ class TrainConfig:
     uncond_prob: float = 0.1  # prompt dropped this often, for classifier-free guidance
     base_ema: float = 0.999
     specialist_ema: float = 0.995
+    # Share of each specialist batch drawn from the base's broad data (prior preservation, as in DreamBooth).
+    # 0 is the paper's setting: a specialist sees its shard only.
+    specialist_replay: float = 0.0
     seed: int = 0
 
 
@@ -58,6 +61,16 @@ def _prompts(specs, step_seed: int, uncond_prob: float) -> list[str]:
     return ["" if d else s.prompt for s, d in zip(specs, drop.tolist(), strict=True)]
 
 
+def _batch(task: Task, replay: Task | None, replay_share: float, size: int, seed: int):
+    """A training batch of `task`, of which `replay_share` comes from `replay` (a different random stream)."""
+    n_replay = round(replay_share * size) if replay is not None else 0
+    specs, images = make_batch(task, size - n_replay, seed=seed, split="train")
+    if n_replay:
+        more_specs, more_images = make_batch(replay, n_replay, seed=seed, split="train")
+        specs, images = [*specs, *more_specs], torch.cat([images, more_images])
+    return specs, images
+
+
 def _train(
     pipe: ToyPipeline,
     task: Task,
@@ -69,6 +82,8 @@ def _train(
     seed: int,
     desc: str,
     progress: bool | None,
+    replay: Task | None = None,
+    replay_share: float = 0.0,
 ) -> list[float]:
     params = list(pipe.unet.parameters()) + (list(pipe.text_encoder.parameters()) if train_text else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -84,7 +99,7 @@ def _train(
     bar = tqdm(range(steps), desc=desc, disable=_disabled(progress))
     for step in bar:
         step_seed = seed * 1_000_003 + step
-        specs, images = make_batch(task, config.batch_size, seed=step_seed, split="train")
+        specs, images = _batch(task, replay, replay_share, config.batch_size, step_seed)
         gen = torch.Generator().manual_seed(step_seed)
         noise = torch.randn(images.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(images),), generator=gen)
@@ -128,7 +143,7 @@ def finetune_specialist(
     task = standard_tasks()[task_name]
     seed = config.seed + 1 + SPECIALIST_TASKS.index(task_name) if task_name in SPECIALIST_TASKS else config.seed + 99
     _train(pipe, task, config.specialist_steps, config.specialist_lr, config.specialist_ema, config, False, seed,
-           task_name, progress)  # fmt: skip
+           task_name, progress, standard_tasks()["broad"], config.specialist_replay)  # fmt: skip
     return pipe.unet
 
 
