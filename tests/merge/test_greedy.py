@@ -33,3 +33,32 @@ def test_scores_are_cached():
 
     result = greedy_soup(4, counting)
     assert len(calls) == len(set(calls)) == result.evaluations
+
+
+def test_search_soup_merges_the_chosen_checkpoints(tiny, tmp_path):
+    import torch
+
+    from featurefusion.io.checkpoint import open_checkpoint
+    from featurefusion.merge import operations
+    from featurefusion.merge.greedy import search_soup
+
+    def unet(path):
+        with open_checkpoint(path) as ckpt:
+            return {k: ckpt.read(k).float() for k in ckpt.keys("unet")}
+
+    # The metric rewards closeness to the soup of the base and the second specialist.
+    target_file = tmp_path / "target.safetensors"
+    operations.merge([tiny.base, tiny.specialists[1]], target_file, "soup")
+    target = unet(target_file)
+
+    def closeness(path):
+        weights = unet(path)
+        return -sum(float((weights[k] - target[k]).square().sum()) for k in target)
+
+    for reverse in (False, True):
+        out = tmp_path / f"chosen-{reverse}.safetensors"
+        result = search_soup(tiny.models, closeness, out, reverse=reverse)
+        assert result.chosen == (0, 2)
+        merged = unet(out)
+        assert all(torch.allclose(merged[k], target[k], atol=1e-6) for k in target)
+        assert not list(tmp_path.glob(".*candidate*"))  # the scratch soup is cleaned up

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 Score = Callable[[tuple[int, ...]], float]
 
@@ -31,8 +32,8 @@ class GreedyResult:
 
 
 class _Cached:
-    def __init__(self, score: Score):
-        self._score, self.cache = score, {}
+    def __init__(self, score: Score, cache: dict | None = None):
+        self._score, self.cache = score, {} if cache is None else cache
 
     def __call__(self, members: Sequence[int]) -> float:
         key = tuple(sorted(members))
@@ -46,8 +47,11 @@ def _individual_order(score: _Cached, count: int, individual: Sequence[float] | 
     return sorted(range(count), key=lambda i: values[i], reverse=True)
 
 
-def greedy_soup(count: int, score: Score, individual: Sequence[float] | None = None) -> GreedyResult:
-    cached = _Cached(score)
+def greedy_soup(
+    count: int, score: Score, individual: Sequence[float] | None = None, cache: dict | None = None
+) -> GreedyResult:
+    """`cache` (members -> score) may be shared between searches over the same models and metric."""
+    cached = _Cached(score, cache)
     order = _individual_order(cached, count, individual)
     chosen = [order[0]]
     best = cached(chosen)
@@ -63,8 +67,10 @@ def greedy_soup(count: int, score: Score, individual: Sequence[float] | None = N
     return result
 
 
-def reverse_greedy_soup(count: int, score: Score, individual: Sequence[float] | None = None) -> GreedyResult:
-    cached = _Cached(score)
+def reverse_greedy_soup(
+    count: int, score: Score, individual: Sequence[float] | None = None, cache: dict | None = None
+) -> GreedyResult:
+    cached = _Cached(score, cache)
     order = list(reversed(_individual_order(cached, count, individual)))  # worst first
     chosen = list(range(count))
     best = cached(chosen)
@@ -80,4 +86,45 @@ def reverse_greedy_soup(count: int, score: Score, individual: Sequence[float] | 
             chosen = rest
             best = trial
     result.chosen, result.score, result.evaluations = tuple(sorted(chosen)), best, len(cached.cache)
+    return result
+
+
+def search_soup(
+    models: Sequence[Path],
+    score_checkpoint: Callable[[Path], float],
+    output: Path,
+    reverse: bool = False,
+    out=None,
+    workdir: Path | None = None,
+    cache: dict | None = None,
+) -> GreedyResult:
+    """Greedy (or reverse-greedy) soup over checkpoint files, written to `output`.
+
+    `score_checkpoint(path)` scores one model file (a single member, or a candidate soup written to a scratch
+    file) on held-out prompts, higher is better: the built-in world's scorer and the Stable Diffusion
+    metrics (ImageReward, CLIP score, ...) plug in here alike. The chosen members are written as a uniform
+    soup (or copied, when one model wins). `cache` shares scores between a greedy and a reverse-greedy search.
+    """
+    from featurefusion.merge import operations
+
+    models = [Path(m) for m in models]
+    output = Path(output)
+    scratch = Path(workdir or output.parent) / f".{output.name}.candidate.safetensors"
+    out = out or operations.OutputOptions(progress=False)
+
+    def score(members: tuple[int, ...]) -> float:
+        if len(members) == 1:
+            return score_checkpoint(models[members[0]])
+        operations.merge([models[i] for i in members], scratch, "soup", out=out)
+        return score_checkpoint(scratch)
+
+    try:
+        result = (reverse_greedy_soup if reverse else greedy_soup)(len(models), score, cache=cache)
+    finally:
+        scratch.unlink(missing_ok=True)
+    chosen = [models[i] for i in result.chosen]
+    if len(chosen) == 1:
+        operations.convert(chosen[0], output, out)
+    else:
+        operations.merge(chosen, output, "soup", out=out)
     return result

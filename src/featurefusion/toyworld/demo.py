@@ -21,7 +21,7 @@ from featurefusion.evaluate.toy import EvalSettings, Evaluator, ModelResult
 from featurefusion.merge import operations
 from featurefusion.merge.featurefusion import model_shares
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
-from featurefusion.merge.greedy import GreedyResult, greedy_soup, reverse_greedy_soup
+from featurefusion.merge.greedy import GreedyResult, search_soup
 from featurefusion.merge.operations import OutputOptions
 from featurefusion.toyworld.models import load_pipeline
 from featurefusion.toyworld.scorer import load_scorer
@@ -121,8 +121,8 @@ def _plan(config: DemoConfig):
     steps += [(name, _score_specialist(name)) for name in config.specialists]
     steps += [("FeatureFusion", _featurefusion), ("soup", _uniform_soup), ("task arithmetic", _task_arithmetic)]
     if config.greedy:
-        steps += [("greedy soup", _greedy("Greedy soup", greedy_soup)),
-                  ("reverse-greedy soup", _greedy("Reverse-greedy soup", reverse_greedy_soup))]  # fmt: skip
+        steps += [("greedy soup", _greedy("Greedy soup", False)),
+                  ("reverse-greedy soup", _greedy("Reverse-greedy soup", True))]  # fmt: skip
     if config.unlearning:
         steps += [(f"unlearn {name}", _unlearn(i + 1, name)) for i, name in enumerate(config.specialists)]
     steps += [(label, _ablation(label, options)) for label, options in ablation_variants(config)]
@@ -174,33 +174,19 @@ def _task_arithmetic(state: DemoState, models: Path) -> None:
     state.results[label] = state.score(path)
 
 
-def _greedy(label: str, search):
+def _greedy(label: str, reverse: bool):
     def step(state: DemoState, models: Path) -> None:
         validation = state.validation_evaluator()
-        inputs = state.inputs
 
-        def soup_score(members: tuple[int, ...]) -> float:
-            if members not in state.validation_scores:
-                if len(members) == 1:
-                    unet = None if members[0] == 0 else inputs[members[0]]
-                else:
-                    unet = models / "greedy-candidate.safetensors"
-                    operations.merge([inputs[i] for i in members], unet, "soup", out=_out())
-                result = state.score(unet, with_fid=False, evaluator=validation)
-                state.validation_scores[members] = result.mean_alignment()
-            return state.validation_scores[members]
+        def score(path: Path) -> float:
+            unet = None if path == state.base_dir else path
+            return state.score(unet, with_fid=False, evaluator=validation).mean_alignment()
 
         start = time.perf_counter()
-        result = search(len(inputs), soup_score)
-        state.greedy[label] = result
         path = models / f"{label.lower().replace(' ', '-')}.safetensors"
-        chosen = [inputs[i] for i in result.chosen]
-        if len(chosen) == 1:
-            shutil.copy(
-                chosen[0] if result.chosen[0] else inputs[0] / "unet" / "diffusion_pytorch_model.safetensors", path
-            )
-        else:
-            operations.merge(chosen, path, "soup", out=_out())
+        state.greedy[label] = search_soup(
+            state.inputs, score, path, reverse=reverse, out=_out(), cache=state.validation_scores
+        )
         state.merge_seconds[label] = time.perf_counter() - start
         state.results[label] = state.score(path)
 
