@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 Matrix = Mapping[str, Mapping[str, float]]  # row (model) -> column (task) -> value
 
@@ -119,6 +120,50 @@ def labelled_grid(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def captioned_grid(
+    rows: Mapping[str, Sequence[Image.Image]],
+    path: Path,
+    cell: int = 192,
+    caption_height: int = 16,
+    pad: int = 2,
+) -> Path:
+    """PIL images in rows (one per caption, e.g. a prompt), each resized to fit `cell` pixels, caption above.
+
+    Unlike `labelled_grid` this keeps images near their own resolution (real Stable Diffusion samples), and
+    needs no matplotlib. Small images are enlarged with nearest-neighbour so their pixels stay visible.
+    """
+    from PIL import ImageDraw
+
+    width = max((len(images) for images in rows.values()), default=1)
+    canvas = Image.new("RGB", (pad + width * (cell + pad), pad + len(rows) * (caption_height + cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, images) in enumerate(rows.items()):
+        top = pad + r * (caption_height + cell + pad)
+        draw.text((pad, top + 2), _fit_caption(caption, canvas.width - 2 * pad), fill="black")
+        for c, image in enumerate(images):
+            thumb = _thumbnail(image, cell)
+            x = pad + c * (cell + pad) + (cell - thumb.width) // 2
+            y = top + caption_height + (cell - thumb.height) // 2
+            canvas.paste(thumb, (x, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+def _thumbnail(image: Image.Image, cell: int) -> Image.Image:
+    scale = cell / max(image.width, image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+    return image.convert("RGB").resize(size, resample)
+
+
+def _fit_caption(text: str, pixels: int, char_width: int = 6) -> str:
+    limit = max(8, pixels // char_width)  # PIL's default bitmap font is about 6 px per character
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _columns(matrix: Matrix) -> list[str]:
