@@ -24,6 +24,12 @@ def register(sub) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="[NAME=]PATH", help="checkpoints to compare")
     p.add_argument("--tasks", type=Path, required=True, help="YAML/JSON list of tasks: name, prompts, references")
     p.add_argument("--metrics", default="clip", help="comma-separated: clip, imagereward, fid (default: clip)")
+    add_metric_model_args(p)
+    p.add_argument("--out", type=Path, required=True, help="folder for images, matrix.json, matrix.md, heatmaps")
+    add_sampler_args(p)
+
+
+def add_metric_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--clip-model", default=None, help="CLIP hub id or local folder (default openai/clip-vit-large-patch14)"
     )
@@ -33,14 +39,29 @@ def register(sub) -> None:
     p.add_argument(
         "--fid-feature", type=int, choices=(64, 192, 768, 2048), default=2048, help="Inception layer for FID"
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for images, matrix.json, matrix.md, heatmaps")
-    add_sampler_args(p)
 
 
-def add_sampler_args(p: argparse.ArgumentParser) -> None:
+def metric_options(args, names) -> dict[str, dict]:
+    """Constructor options of each named metric, from the arguments of `add_metric_model_args`."""
+    options: dict[str, dict] = {name: {"device": args.device} for name in names if name != "tifa"}
+    if args.clip_model and "clip" in options:
+        options["clip"]["model_name_or_path"] = args.clip_model
+    if args.imagereward_model and "imagereward" in options:
+        options["imagereward"]["model_name_or_path"] = args.imagereward_model
+    if "fid" in options:
+        options["fid"]["feature"] = args.fid_feature
+    return options
+
+
+def add_sampler_args(p: argparse.ArgumentParser, writes_model: bool = False) -> None:
+    """Sampler options. A command that writes a model (`writes_model`) already has `--template` and
+    `--no-progress`, which mean the same there, and its `--dtype` is the output's: sampling takes
+    `--sample-dtype` instead."""
+    with_template = not writes_model
     from featurefusion.evaluate.sampling import SCHEDULERS
 
-    p.add_argument("--template", help="pipeline folder or hub id giving what a single weights file lacks")
+    if with_template:
+        p.add_argument("--template", help="pipeline folder or hub id giving what a single weights file lacks")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="sampler (default: the pipeline's own)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance-scale", type=float, default=7.5)
@@ -50,9 +71,16 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--negative-prompt")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument(
+        "--sample-dtype" if writes_model else "--dtype",
+        dest="sample_dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="dtype of the pipeline while sampling",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the accelerator, else cpu)")
-    p.add_argument("--no-progress", action="store_true")
+    if with_template:
+        p.add_argument("--no-progress", action="store_true")
 
 
 def sampler_settings(args):
@@ -67,7 +95,7 @@ def sampler_settings(args):
         images_per_prompt=args.images_per_prompt,
         height=args.height,
         width=args.width,
-        dtype=args.dtype,
+        dtype=args.sample_dtype,
         device=args.device,
         negative_prompt=args.negative_prompt,
     )
@@ -102,14 +130,7 @@ def cmd_evaluate(args) -> None:
 
     settings = sampler_settings(args)
     names = parse_metric_names(args.metrics)
-    options: dict[str, dict] = {name: {"device": args.device} for name in names if name != "tifa"}
-    if args.clip_model and "clip" in options:
-        options["clip"]["model_name_or_path"] = args.clip_model
-    if args.imagereward_model and "imagereward" in options:
-        options["imagereward"]["model_name_or_path"] = args.imagereward_model
-    if "fid" in options:
-        options["fid"]["feature"] = args.fid_feature
-    metrics = build_metrics(names, options)  # before sampling: an unavailable metric fails at once
+    metrics = build_metrics(names, metric_options(args, names))  # before sampling: an unavailable metric fails at once
     result = evaluate_matrix(
         parse_models(args.models),
         read_tasks(args.tasks),

@@ -44,13 +44,14 @@ def register(sub) -> None:
     add_output_args(p)
     add_featurefusion_args(p)
 
-    p = sub.add_parser("soup", help="Diffusion Soup of models (uniform or weighted)")
+    p = sub.add_parser("soup", help="Diffusion Soup of models: uniform, weighted, greedy or reverse-greedy")
     p.set_defaults(handler=cmd_soup)
-    p.add_argument("models", nargs="+", type=Path)
+    p.add_argument("models", nargs="+", type=Path, help="checkpoints, base model first")
     p.add_argument("--weights", type=float, nargs="+")
     p.add_argument("--text-encoder", choices=("base", "average"), default="base")
     p.add_argument("--vae", choices=("base", "average"), default="base")
     add_output_args(p)
+    add_greedy_args(p)
 
     p = sub.add_parser("add", help="add a model to an existing soup")
     p.set_defaults(handler=cmd_add)
@@ -84,6 +85,22 @@ def register(sub) -> None:
     p = sub.add_parser("recipe", help="print the recipe embedded in a merged model as YAML")
     p.set_defaults(handler=cmd_recipe)
     p.add_argument("path", type=Path)
+
+
+def add_greedy_args(p: argparse.ArgumentParser) -> None:
+    from featurefusion.cli.evaluation import add_metric_model_args, add_sampler_args
+
+    g = p.add_argument_group("greedy soups (Diffusion Soup §4.2): members chosen by a metric on held-out prompts")
+    search = g.add_mutually_exclusive_group()
+    search.add_argument("--greedy", action="store_true", help="add models, best first, while the metric improves")
+    search.add_argument(
+        "--reverse-greedy", action="store_true", help="start from all models; drop models, worst first, while it helps"
+    )
+    g.add_argument("--prompts", type=Path, help="held-out prompt file (one per line, or a JSON/YAML list)")
+    g.add_argument("--metric", default="clip", help="clip (default), imagereward or fid")
+    g.add_argument("--references", type=Path, help="reference images folder (FID)")
+    add_metric_model_args(g)
+    add_sampler_args(g, writes_model=True)
 
 
 def add_featurefusion_args(p: argparse.ArgumentParser) -> None:
@@ -179,6 +196,9 @@ def cmd_merge(args) -> None:
 def cmd_soup(args) -> None:
     from featurefusion.merge import operations
 
+    if args.greedy or args.reverse_greedy:
+        return _greedy_soup(args)
+
     print_report(
         operations.merge(
             args.models,
@@ -190,6 +210,42 @@ def cmd_soup(args) -> None:
             out=output_options(args),
         )
     )
+
+
+def _greedy_soup(args) -> None:
+    from featurefusion.cli.evaluation import metric_options, sampler_settings
+    from featurefusion.errors import RecipeError
+    from featurefusion.evaluate.matrix import score_model
+    from featurefusion.evaluate.metrics import build_metric, parse_metric_names
+    from featurefusion.merge import operations
+    from featurefusion.merge.greedy import search_soup
+
+    if args.weights:
+        raise RecipeError("--weights and a greedy search exclude each other: the search chooses uniform members")
+    if not args.prompts:
+        raise RecipeError("a greedy search needs --prompts: held-out prompts to score candidate soups on")
+    (name,) = parse_metric_names(args.metric)
+    metric = build_metric(name, **metric_options(args, [name])[name])  # fails now if unavailable
+    base = args.models[0]
+    template = args.template or (base if base.is_dir() else None)
+    settings = sampler_settings(args)
+
+    def score(checkpoint: Path) -> float:
+        return score_model(
+            checkpoint, args.prompts, metric, settings, template=template, references=args.references, oriented=True
+        )
+
+    # Candidates only differ in the UNet when text encoder and VAE come from the base: a UNet file is enough.
+    unet_only = args.text_encoder == "base" and args.vae == "base" and template is not None
+    candidate_out = operations.OutputOptions(format="diffusers-unet", progress=False) if unet_only else None
+    result = search_soup(
+        args.models, score, args.output, reverse=args.reverse_greedy, out=output_options(args),
+        candidate_out=candidate_out,
+    )  # fmt: skip
+    for action, members, value in result.steps:
+        print(f"{action:>10}  {{{', '.join(str(args.models[i]) for i in members)}}}  {name} {value:.4f}")
+    print(f"chosen: {', '.join(str(args.models[i]) for i in result.chosen)} ({result.evaluations} candidates scored)")
+    print(f"wrote {args.output}")
 
 
 def cmd_add(args) -> None:

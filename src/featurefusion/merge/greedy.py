@@ -97,6 +97,7 @@ def search_soup(
     out=None,
     workdir: Path | None = None,
     cache: dict | None = None,
+    candidate_out=None,
 ) -> GreedyResult:
     """Greedy (or reverse-greedy) soup over checkpoint files, written to `output`.
 
@@ -104,6 +105,7 @@ def search_soup(
     file) on held-out prompts, higher is better: the built-in world's scorer and the Stable Diffusion
     metrics (ImageReward, CLIP score, ...) plug in here alike. The chosen members are written as a uniform
     soup (or copied, when one model wins). `cache` shares scores between a greedy and a reverse-greedy search.
+    Candidates are written with `candidate_out` (default: `out`), e.g. as UNet-only files.
     """
     from featurefusion.merge import operations
 
@@ -111,11 +113,12 @@ def search_soup(
     output = Path(output)
     scratch = Path(workdir or output.parent) / f".{output.name}.candidate.safetensors"
     out = out or operations.OutputOptions(progress=False)
+    candidate_out = candidate_out or out
 
     def score(members: tuple[int, ...]) -> float:
         if len(members) == 1:
             return score_checkpoint(models[members[0]])
-        operations.merge([models[i] for i in members], scratch, "soup", out=out)
+        operations.merge([models[i] for i in members], scratch, "soup", out=candidate_out)
         return score_checkpoint(scratch)
 
     try:
