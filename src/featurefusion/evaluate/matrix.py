@@ -39,6 +39,7 @@ from featurefusion.evaluate.sampling import (
     wants_cpu,
     write_json_atomic,
 )
+from featurefusion.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ def _write_report(out, models, tasks, metrics, settings, template, values, per_i
         height = next(iter(next(iter(thumbnails.values())).values())).shape[-1]
         grid = labelled_grid(thumbnails, out / "grid.png", title="samples", upscale=max(1, 64 // height))
     markdown = out / "matrix.md"
-    _write_text_atomic(markdown, matrix_markdown(metrics, values, task_names, settings))
+    write_text_atomic(markdown, matrix_markdown(metrics, values, task_names, settings))
     data = {
         "models": {m.name: describe_checkpoint(m.checkpoint) for m in models},
         "template": None if template is None else describe_checkpoint(template),
@@ -348,9 +349,3 @@ def _finite(data):
 
 def _str_or_none(path: Path | None) -> str | None:
     return None if path is None else str(path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

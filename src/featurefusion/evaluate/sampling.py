@@ -26,7 +26,9 @@ import torch
 from PIL import Image
 
 from featurefusion.errors import CheckpointError, FeatureFusionError
+from featurefusion.io.atomic import save_png_atomic, write_json_atomic
 from featurefusion.io.checkpoint import canonical_component_key, open_checkpoint
+from featurefusion.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -348,20 +350,13 @@ def device_for(state, requested: str | None) -> torch.device:
 def _draw_and_save(pipe, jobs, settings, out: Path, main: bool, progress: bool | None, processes: int) -> None:
     from tqdm.auto import tqdm
 
-    disable = _progress_disabled(progress) if main else True
+    disable = bar_disabled(progress) if main else True
     desc = "sampling" if processes == 1 else f"sampling (main process's share, 1 of {processes})"
     with tqdm(total=len(jobs), desc=desc, unit="img", disable=disable) as bar:
         for batch in batches(jobs, settings.batch_size):
             for job, image in zip(batch, generate(pipe, batch, settings), strict=True):
                 save_png_atomic(image, out / job.file_name)
             bar.update(len(batch))
-
-
-def _progress_disabled(progress: bool | None) -> bool | None:
-    # Same convention as the merge engine: None lets tqdm decide, FEATUREFUSION_PROGRESS=0 turns bars off.
-    if progress is None:
-        return None if os.environ.get("FEATUREFUSION_PROGRESS") != "0" else True
-    return not progress
 
 
 def _record(job: ImageJob) -> dict:
@@ -385,16 +380,6 @@ def describe_checkpoint(checkpoint: str | os.PathLike) -> dict:
 
 
 # ---- files -----------------------------------------------------------------------------------------------
-def save_png_atomic(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_manifest(out: str | os.PathLike) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import os
 import queue
 import threading
 import time
@@ -29,6 +28,7 @@ from featurefusion.errors import CheckpointError, RecipeError
 from featurefusion.io.checkpoint import COMPONENTS, Checkpoint, open_checkpoint
 from featurefusion.io.output import CheckpointWriter, components_written, plan_output
 from featurefusion.merge.base import CopyBase, MergeMethod
+from featurefusion.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         if sum(_size(m.path) for m in models) > LARGE_MERGE_BYTES:
             _return_freed_memory_to_the_system()
         with CheckpointWriter(plan, job.metadata) as writer:
-            bar = tqdm(total=len(entries), unit="key", desc="merging", disable=_bar_disabled(job.progress))
+            bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
             behind = _WriteBehind(writer, out_dtype)
             try:
                 for read in _prefetch(_read_modules(models, methods, modules)):
@@ -346,9 +346,3 @@ def _dtype_name(base: Checkpoint) -> str:
         if dtype.is_floating_point:
             return {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
     return "fp32"
-
-
-def _bar_disabled(progress: bool | None) -> bool | None:
-    if progress is None:
-        return None if os.environ.get("FEATUREFUSION_PROGRESS") != "0" else True
-    return not progress

@@ -23,6 +23,7 @@ from featurefusion.merge.featurefusion import model_shares
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.greedy import GreedyResult, search_soup
 from featurefusion.merge.operations import OutputOptions
+from featurefusion.progress import bar_disabled
 from featurefusion.toyworld.models import load_pipeline
 from featurefusion.toyworld.scorer import load_scorer
 from featurefusion.toyworld.train import SPECIALIST_TASKS
@@ -103,9 +104,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> Path:
     scorer = load_scorer(config.checkpoints / "scorer.safetensors")
     state = DemoState(config, Evaluator(scorer, list(config.specialists), config.evaluation))
     plan = _plan(config)
-    bar = tqdm(
-        total=len(plan), desc="demo", unit="model", disable=None if config.progress is None else not config.progress
-    )
+    bar = tqdm(total=len(plan), desc="demo", unit="model", disable=bar_disabled(config.progress))
     for label, step in plan:
         bar.set_postfix_str(label)
         step(state, models_dir)

@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from featurefusion.errors import FeatureFusionError
+from featurefusion.progress import bar_disabled
 from featurefusion.toyworld.world import (
     COLOURS,
     OBJECTS,
@@ -110,14 +111,6 @@ _FORMAT_VERSION = 1
 
 class ScorerError(FeatureFusionError, ValueError):
     """A scorer file cannot be read, or images / specs do not fit the scorer."""
-
-
-def _progress_disabled(progress: bool | None) -> bool | None:
-    # Same convention as the merge engine: None -> tqdm decides (off when not a terminal), and the
-    # environment variable FEATUREFUSION_PROGRESS=0 turns bars off everywhere (the test suite sets it).
-    if progress is None:
-        return None if os.environ.get("FEATUREFUSION_PROGRESS") != "0" else True
-    return not progress
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,7 +324,7 @@ def _train(
     n_broad = batch_size // 2
     n_uniform = batch_size - n_broad
     chunk = 16  # steps per generated chunk: rendering a few thousand images at once is cheaper
-    bar = tqdm(total=steps, desc="training scorer", unit="step", disable=_progress_disabled(progress))
+    bar = tqdm(total=steps, desc="training scorer", unit="step", disable=bar_disabled(progress))
     try:
         for first in range(0, steps, chunk):
             n_steps = min(chunk, steps - first)

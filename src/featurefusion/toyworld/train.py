@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from featurefusion.progress import bar_disabled
 from featurefusion.toyworld.models import ToyPipeline, build_pipeline, load_pipeline
 from featurefusion.toyworld.world import Task, make_batch, standard_tasks
 
@@ -96,7 +97,7 @@ def _train(
     pipe.text_encoder.train(train_text)
     pipe.text_encoder.requires_grad_(train_text)
     losses = []
-    bar = tqdm(range(steps), desc=desc, disable=_disabled(progress))
+    bar = tqdm(range(steps), desc=desc, disable=bar_disabled(progress))
     for step in bar:
         step_seed = seed * 1_000_003 + step
         specs, images = _batch(task, replay, replay_share, config.batch_size, step_seed)
@@ -178,7 +179,3 @@ def build_world(out_dir: Path, config: TrainConfig = TrainConfig(), progress: bo
     save_scorer(scorer, out_dir / SHIPPED_SCORER.name)
     timings["scorer"] = time.perf_counter() - start
     return timings
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress

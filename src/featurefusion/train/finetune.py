@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from featurefusion import __version__
 from featurefusion.errors import FeatureFusionError
+from featurefusion.progress import bar_disabled
 from featurefusion.train.shard import CaptionedImage, read_captioned_folder
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def finetune(config: FinetuneConfig, components: Components | None = None) -> Fi
         initial=start_step,
         desc="fine-tuning UNet",
         unit="step",
-        disable=not accelerator.is_local_main_process or _disabled(config.progress),
+        disable=not accelerator.is_local_main_process or bar_disabled(config.progress),
     )
     step = start_step
     while step < total_steps:
@@ -499,9 +500,3 @@ def _write_unet(unet, config: FinetuneConfig, result: FinetuneResult, num_images
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    if progress is None:
-        return True if os.environ.get("FEATUREFUSION_PROGRESS") == "0" else None
-    return not progress

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from featurefusion import __version__
 from featurefusion.errors import FeatureFusionError
+from featurefusion.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +568,7 @@ def _rank_candidates(
     if options.limit is not None:
         total = min(total, options.limit) if total is not None else options.limit
     rows = 0
-    bar = tqdm(total=total, desc="scoring captions", unit="row", disable=_disabled(options.progress))
+    bar = tqdm(total=total, desc="scoring captions", unit="row", disable=bar_disabled(options.progress))
     for row, source_id, caption in source.captions():
         if options.limit is not None and row >= options.limit:
             break
@@ -632,7 +633,7 @@ def _collect_images(
         total=sum(min(options.k, len(c)) for c in ranked.values()),
         desc="writing images",
         unit="img",
-        disable=_disabled(options.progress),
+        disable=bar_disabled(options.progress),
     )
     while True:
         wanted = _next_wanted(ranked, chosen, cursor, options.k)
@@ -791,10 +792,3 @@ def _atomic_folder(out: Path, overwrite: bool):
             os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _disabled(progress: bool | None) -> bool | None:
-    # None lets tqdm switch itself off when not on a terminal; FEATUREFUSION_PROGRESS=0 switches it off always.
-    if progress is None:
-        return True if os.environ.get("FEATUREFUSION_PROGRESS") == "0" else None
-    return not progress
