@@ -23,3 +23,12 @@ class CheckpointError(FeatureFusionError):
 
 class RecipeError(FeatureFusionError):
     """A recipe or a set of merge options is invalid."""
+
+
+class DataError(FeatureFusionError):
+    """Training data cannot be used: a dataset, image, categories file or output folder. Names the file (or
+    dataset row)."""
+
+    def __init__(self, message: str, path: object | None = None):
+        self.path = None if path is None else str(path)
+        super().__init__(f"{message} ({self.path})" if self.path is not None else message)

@@ -12,16 +12,10 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from featurefusion.cli import main
-from featurefusion.train.shard import (
-    DataError,
-    KeywordScorer,
-    ShardOptions,
-    load_categories,
-    read_captioned_folder,
-    shard_folder,
-    shard_hf_dataset,
-    split_rows,
-)
+from featurefusion.errors import DataError
+from featurefusion.train.keywords import KeywordScorer, load_categories
+from featurefusion.train.shard import ShardOptions, shard_folder, shard_hf_dataset, split_rows
+from featurefusion.train.sources import read_captioned_folder
 
 CATEGORIES = {"animals": ["cat", "dog", "bird"], "food": ["pizza", "cake", "ice cream"]}
 

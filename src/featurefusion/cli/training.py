@@ -89,7 +89,8 @@ def _register_finetune(sub) -> None:
 
 
 def cmd_shard(args: argparse.Namespace) -> None:
-    from featurefusion.train.shard import ShardOptions, build_shards, load_hub_source, shard_folder
+    from featurefusion.train.shard import ShardOptions, build_shards, shard_folder
+    from featurefusion.train.sources import load_hub_source
 
     options = ShardOptions(
         k=args.top_k,

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from featurefusion import __version__
 from featurefusion.errors import FeatureFusionError
 from featurefusion.progress import bar_disabled
-from featurefusion.train.shard import CaptionedImage, read_captioned_folder
+from featurefusion.train.sources import CaptionedImage, read_captioned_folder
 
 log = logging.getLogger(__name__)
 
