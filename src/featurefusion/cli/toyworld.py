@@ -24,7 +24,7 @@ def register(sub) -> None:
     t.add_argument(
         "--specialist-replay",
         type=float,
-        help="share of each specialist batch drawn from the base's broad data (default 0: the shard only)",
+        help="share of each specialist batch drawn from the base's broad data (default 0.5; 0: the shard only)",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")

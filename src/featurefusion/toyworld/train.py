@@ -1,9 +1,13 @@
 """Training the built-in world's models: a broadly trained base, then UNet-only specialists (paper §5.1.3).
 
 Data are drawn fresh from the generator at every step (the world is infinite and deterministic by seed), so
-there is no dataset on disk and no epoch. Training uses the standard epsilon-prediction loss with
-classifier-free-guidance dropout (an empty prompt 10% of the time) and keeps an exponential moving average
-of the weights (diffusers' EMAModel), which matters for sample quality at these step counts.
+there is no dataset on disk and no epoch. Half of every specialist batch replays the base's broad data
+(`specialist_replay`): the paper fine-tunes SD so gently (lr 1e-6, 3 epochs of 1000 images) that its
+specialists keep following prompts, while a tiny model fine-tuned on its shard alone forgets them.
+
+Training uses the standard epsilon-prediction loss with classifier-free-guidance dropout (an empty prompt
+10% of the time) and keeps an exponential moving average of the weights (diffusers' EMAModel), which
+matters for sample quality at these step counts.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ class TrainConfig:
     base_ema: float = 0.999
     specialist_ema: float = 0.995
     # Share of each specialist batch drawn from the base's broad data (prior preservation, as in DreamBooth).
-    # 0 is the paper's setting: a specialist sees its shard only.
-    specialist_replay: float = 0.0
+    # 0 is the paper's setting, a specialist sees its shard only; here that makes specialists forget the
+    # prompt (a "dark" specialist draws every image dark), and no merge of them keeps any skill (README).
+    specialist_replay: float = 0.5
     seed: int = 0
 
 
