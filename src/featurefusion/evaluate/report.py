@@ -115,7 +115,8 @@ def labelled_grid(
                 ax.set_ylabel(row, fontsize=8, rotation=0, ha="right", va="center")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # tight_layout ignores the suptitle: keep half an inch above the column titles for it.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()) if title else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -398,8 +398,9 @@ def _greedy_section(state: DemoState) -> list[str]:
         chosen = ", ".join(names[i] for i in result.chosen)
         lines.append(f"- **{label}**: {chosen} (validation mean {result.score:.1f}, {result.evaluations} soups scored)")
         for action, members, score in result.steps:
-            lines.append(f"  - {action.split()[0]} {' '.join(names[int(i)] for i in action.split()[1:])}: "
-                         f"{{{', '.join(names[m] for m in members)}}} → {score:.1f}")  # fmt: skip
+            verb, *index = action.split()
+            step = " ".join([verb, *(names[int(i)] for i in index)])
+            lines.append(f"  - {step}: {{{', '.join(names[m] for m in members)}}} → {score:.1f}")
     return [*lines, ""]
 
 
