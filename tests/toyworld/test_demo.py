@@ -31,6 +31,6 @@ def test_the_demo_runs_end_to_end(tmp_path):
                 "Task arithmetic", "Greedy soups", "Times")  # fmt: skip
     for heading in headings:
         assert heading in text
-    for picture in ("alignment.png", "fid.png", "grid.png"):
+    for picture in ("alignment.png", "fid.png", "grid.png", "threshold.png"):
         assert (report.parent / picture).stat().st_size > 1000
     assert "specialist objects-round" in text and "without objects-angular" in text

@@ -82,6 +82,38 @@ def heatmap(
     return path
 
 
+def line_plot(
+    series: dict[str, dict[float, float]],
+    path: Path,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    references: dict[str, float] | None = None,
+) -> Path:
+    """One line per series (x -> y), plus dashed horizontal reference lines, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, points in series.items():
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+    for (name, value), style in zip((references or {}).items(), ("--", ":", "-."), strict=False):
+        ax.axhline(value, linestyle=style, color="grey", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def labelled_grid(
     images: Mapping[str, Mapping[str, torch.Tensor]],
     path: Path,

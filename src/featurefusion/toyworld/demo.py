@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from featurefusion.evaluate.report import heatmap, labelled_grid, markdown_table
+from featurefusion.evaluate.report import heatmap, labelled_grid, line_plot, markdown_table
 from featurefusion.evaluate.toy import EvalSettings, Evaluator, ModelResult
 from featurefusion.merge import operations
 from featurefusion.merge.featurefusion import model_shares
@@ -39,7 +39,7 @@ class DemoConfig:
     evaluation: EvalSettings = EvalSettings()
     # Greedy soups choose on held-out validation prompts (train split, other seed), never on the test prompts.
     validation: EvalSettings = EvalSettings(images_per_task=12, split="train", seed=1)
-    thresholds: tuple[float, ...] = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+    thresholds: tuple[float, ...] = (0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
     other_variants: bool = True  # slope, normalisation and sampled-mode rows of the ablation
     unlearning: bool = True
     greedy: bool = True
@@ -54,7 +54,7 @@ def quick_config(out: Path = Path("runs/demo-quick")) -> DemoConfig:
         out=out,
         evaluation=EvalSettings(images_per_task=8, steps=6, reference_images=64),
         validation=EvalSettings(images_per_task=4, steps=6, split="train", seed=1, reference_images=64),
-        thresholds=(0.5,),
+        thresholds=(0.5, 0.9),
         other_variants=False,
         greedy=False,
         task_arithmetic_scales=(0.3,),
@@ -337,6 +337,14 @@ def _ablation_section(state: DemoState, alignment) -> list[str]:
         rows[label] = {**row, "mean": sum(row.values()) / len(row)}
     fids = {label: sum(r.fid().values()) / len(tasks) for label, r in state.ablation.items()}
     fids[next(iter(rows))] = sum(state.results["FeatureFusion"].fid().values()) / len(tasks)
+    sweep = {default.threshold: alignment["FeatureFusion"]["mean"]}
+    sweep |= {float(label.split()[1]): row["mean"] for label, row in rows.items() if label.startswith("threshold ")}
+    picture = []
+    if len(sweep) > 2:
+        references = {"uniform soup": alignment["Soup (uniform)"]["mean"], "base": alignment["base"]["mean"]}
+        line_plot({"FeatureFusion": sweep}, state.config.out / "threshold.png", "FeatureFusion: threshold sweep",
+                  "correlation threshold", "mean prompt alignment (%)", references)  # fmt: skip
+        picture = ["![threshold sweep](threshold.png)", ""]
     return [
         "## FeatureFusion ablation",
         "",
@@ -350,6 +358,7 @@ def _ablation_section(state: DemoState, alignment) -> list[str]:
         f"Uniform soup for comparison: mean {alignment['Soup (uniform)']['mean']:.1f}; base: "
         f"{alignment['base']['mean']:.1f}.",
         "",
+        *picture,
     ]
 
 
