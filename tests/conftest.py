@@ -91,6 +91,20 @@ def build_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
+def write_captioned_folder(folder: Path, captions: list[str], size: tuple[int, int] = (20, 24)) -> Path:
+    """Seeded random images `0.png`, `1.png`, ... with their captions in `metadata.jsonl`: a shard split folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    with (folder / "metadata.jsonl").open("w") as handle:
+        for i, caption in enumerate(captions):
+            pixels = torch.randint(0, 256, (*size, 3), generator=gen, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+            handle.write(json.dumps({"file_name": f"{i:05d}.png", "text": caption}) + "\n")
+    return folder
+
+
 def perturb(state: dict[str, torch.Tensor], seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """A stand-in for fine-tuning: every float weight moves a little, in a seeded direction."""
     gen = torch.Generator().manual_seed(seed)

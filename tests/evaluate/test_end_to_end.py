@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 
-import torch
-from PIL import Image
-
 from featurefusion.cli import main
 from featurefusion.io.checkpoint import open_checkpoint
 from featurefusion.io.recipe import recipe_of
+
+from conftest import write_captioned_folder
 
 SAMPLER = ["--scheduler", "ddim", "--steps", "2", "--guidance-scale", "2", "--device", "cpu", "--no-progress"]
 CAPTIONS = [
@@ -26,19 +25,8 @@ CAPTIONS = [
 ]
 
 
-def captioned_folder(root):
-    root.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    with (root / "metadata.jsonl").open("w") as handle:
-        for i, caption in enumerate(CAPTIONS):
-            pixels = torch.randint(0, 256, (20, 20, 3), generator=gen, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / f"{i}.png")
-            handle.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
-    return root
-
-
 def test_shard_finetune_merge_evaluate_and_greedy_soup(tiny, tiny_clip, tmp_path, capsys):
-    source = captioned_folder(tmp_path / "captioned")
+    source = write_captioned_folder(tmp_path / "captioned", CAPTIONS, size=(20, 20))
     categories = tmp_path / "categories.yaml"
     categories.write_text("circles: [circle]\nsquares: [square]\n")
     shards = tmp_path / "shards"

@@ -23,21 +23,15 @@ from featurefusion.train.finetune import (
     load_training_image,
 )
 
+from conftest import write_captioned_folder
+
 CAPTIONS = ["a red circle", "a blue square", "a striped circle", "a photo of a red square", "blue", "a circle"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """Six small captioned images in the shard split layout (images + metadata.jsonl)."""
-    folder = tmp_path_factory.mktemp("shard") / "train"
-    folder.mkdir()
-    gen = torch.Generator().manual_seed(0)
-    with (folder / "metadata.jsonl").open("w") as handle:
-        for i, caption in enumerate(CAPTIONS):
-            pixels = torch.randint(0, 256, (20, 24, 3), generator=gen, dtype=torch.uint8).numpy()
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
-            handle.write(json.dumps({"file_name": f"{i:05d}.png", "text": caption}) + "\n")
-    return folder
+    return write_captioned_folder(tmp_path_factory.mktemp("shard") / "train", CAPTIONS)
 
 
 def config_for(tiny, data: Path, output: Path, **overrides) -> FinetuneConfig:
