@@ -170,7 +170,15 @@ def build_world(out_dir: Path, config: TrainConfig = TrainConfig(), progress: bo
     timings = {}
     start = time.perf_counter()
     base = train_base(config, progress)
-    base.unet.to(torch.float16)  # shipped in fp16 to keep the package small
+    if bar_disabled(progress):
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()  # save_pretrained's own shard bars
+        transformers_logging.disable_progress_bar()
+    # Shipped in fp16 to keep the package small. `.half()`, not `.to(float16)`: diffusers' `to` warns about
+    # modules to keep in float32, and this UNet has none.
+    base.unet.half()
     base.save_pretrained(out_dir / "base", safe_serialization=True)
     base = load_pipeline(out_dir / "base")  # specialists start from the base exactly as shipped
     timings["base"] = time.perf_counter() - start
