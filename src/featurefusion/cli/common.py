@@ -24,7 +24,10 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
-        "--template", type=Path, help="pipeline folder whose configs/tokenizer a --format diffusers output copies"
+        "--template",
+        type=Path,
+        help="pipeline folder whose configs/tokenizer a --format diffusers output copies (greedy soups also "
+        "sample single files with it)",
     )
 
 

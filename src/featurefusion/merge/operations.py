@@ -147,8 +147,7 @@ def soup_remove(soup: Path, model: Path, output: Path, out: OutputOptions | None
 def _update_soup(soup, model, output, parent, operation, members, pair_weights, extra, out):
     out = out or OutputOptions(format=parent.format, dtype=parent.dtype, nan_policy=parent.nan_policy)
     refs = [ModelRef(str(soup), model_hash(soup)), ModelRef(str(model), model_hash(model))]
-    pair = WeightedSum(pair_weights)
-    methods = {c: pair for c, rule in parent.components.items() if rule != "base"}
+    methods = _weighted_sum_methods(parent.components, pair_weights)
     recipe = Recipe(
         operation,
         "soup",
@@ -233,18 +232,15 @@ def replay(recipe: Recipe, output: Path, recipe_dir: Path | None = None, progres
     components = recipe.components
     if recipe.method == "copy":
         return _run(paths, output, {}, recipe, out)
-    if recipe.method == "task-arithmetic":
-        methods = _weighted_sum_methods(components, [m["weight"] for m in recipe.options["members"]])
-        return _run(paths, output, methods, recipe, out)
-    if recipe.method == "soup":
+    if recipe.method in ("soup", "task-arithmetic"):
+        # A merge records each member's weight; soup-add and soup-remove record the one number they used.
         if recipe.operation == "merge":
-            pair = WeightedSum([m["weight"] for m in recipe.options["members"]])
+            weights = [m["weight"] for m in recipe.options["members"]]
         elif recipe.operation == "soup-add":
-            pair = WeightedSum(add_weights(recipe.options["weight"]))
+            weights = add_weights(recipe.options["weight"])
         else:
-            pair = WeightedSum(remove_weights(recipe.options["alpha"]))
-        methods = {c: pair for c, rule in components.items() if rule != "base"}
-        return _run(paths, output, methods, recipe, out)
+            weights = remove_weights(recipe.options["alpha"])
+        return _run(paths, output, _weighted_sum_methods(components, weights), recipe, out)
     ff_fields = set(FeatureFusionOptions.__dataclass_fields__)
     options = FeatureFusionOptions(**{k: v for k, v in recipe.options.items() if k in ff_fields})
     hashes = [r.sha256 for r in recipe.models]
