@@ -78,3 +78,17 @@ def test_shard_finetune_merge_evaluate_and_greedy_soup(tiny, tiny_clip, tmp_path
     members = {m["path"] for m in recipe.options.get("members", [])} or {r.path for r in recipe.models}
     assert members <= {str(m) for m in models}
     assert not list(tmp_path.glob(".*candidate*"))
+
+    # `featurefusion search`: a small grid scored by CLIP on the tasks' prompts; the winner is written.
+    best = tmp_path / "best.safetensors"
+    capsys.readouterr()
+    argv = ["search", *map(str, models), "-o", str(best), "--format", "diffusers-unet", "--tasks", str(tasks_file),
+            "--methods", "task-arithmetic,ties", "--metric", "clip", *clip, *SAMPLER]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "best.safetensors.search.md").read_text()
+    assert "task-arithmetic scale=0.2" in table and "ties density=0.5 scale=1.5" in table and "(chosen)" in table
+    with open_checkpoint(best) as ckpt:
+        recipe = recipe_of(ckpt.metadata, best)
+    assert f"chosen: {recipe.method}" in printed
+    assert not list(tmp_path.glob(".*candidate*"))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from featurefusion.cli.common import add_output_args, output_options, print_report
+from featurefusion.cli.evaluation import add_metric_model_args, add_sampler_args
 from featurefusion.merge.registry import default_of
 
 
@@ -48,6 +49,31 @@ def register(sub) -> None:
     add_output_args(p)
     add_greedy_args(p)
 
+    p = sub.add_parser(
+        "search", help="choose a merge on validation prompts: a grid of methods and options, block weights, soups"
+    )
+    p.set_defaults(handler=cmd_search)
+    p.add_argument("models", nargs="+", type=Path, help="checkpoints, base model first")
+    p.add_argument(
+        "--tasks", type=Path, required=True, help="validation tasks: YAML/JSON list of name, prompts (as evaluate)"
+    )
+    p.add_argument(
+        "--methods",
+        default="task-arithmetic,ties,dare,dare-ties,tsv,iso-c,iso-cts",
+        help="comma-separated methods whose search spaces form the grid, or 'all' (see `featurefusion methods`)",
+    )
+    p.add_argument(
+        "--block-search",
+        action="store_true",
+        help="also choose per-block weights (autoMBW), starting from the best task-arithmetic scale",
+    )
+    p.add_argument("--greedy-soups", action="store_true", help="also run greedy and reverse-greedy soups")
+    p.add_argument("--metric", default="clip", help="clip (default), imagereward or fid; averaged over the tasks")
+    p.add_argument("--table", type=Path, help="where the table of candidates goes (default: OUTPUT.search.md)")
+    add_metric_model_args(p)
+    add_sampler_args(p, writes_model=True)
+    add_output_args(p)
+
     p = sub.add_parser("add", help="add a model to an existing soup")
     p.set_defaults(handler=cmd_add)
     p.add_argument("soup", type=Path)
@@ -83,8 +109,6 @@ def register(sub) -> None:
 
 
 def add_greedy_args(p: argparse.ArgumentParser) -> None:
-    from featurefusion.cli.evaluation import add_metric_model_args, add_sampler_args
-
     g = p.add_argument_group("greedy soups (Diffusion Soup §4.2): members chosen by a metric on held-out prompts")
     search = g.add_mutually_exclusive_group()
     search.add_argument("--greedy", action="store_true", help="add models, best first, while the metric improves")
@@ -216,18 +240,14 @@ def cmd_soup(args) -> None:
     )
 
 
-def _greedy_soup(args) -> None:
+def _validation_scorer(args, prompts_of_tasks):
+    """A score function of a checkpoint (higher is better) and the options that candidates are written with:
+    the metric on held-out prompts, averaged over tasks, every candidate sampled with the same seeds."""
     from featurefusion.cli.evaluation import metric_options, sampler_settings
-    from featurefusion.errors import RecipeError
     from featurefusion.evaluate.matrix import score_model
     from featurefusion.evaluate.metrics import build_metric, parse_metric_names
     from featurefusion.merge import operations
-    from featurefusion.merge.greedy import search_soup
 
-    if args.weights:
-        raise RecipeError("--weights and a greedy search exclude each other: the search chooses uniform members")
-    if not args.prompts:
-        raise RecipeError("a greedy search needs --prompts: held-out prompts to score candidate soups on")
     (name,) = parse_metric_names(args.metric)
     metric = build_metric(name, **metric_options(args, [name])[name])  # fails now if unavailable
     base = args.models[0]
@@ -235,13 +255,28 @@ def _greedy_soup(args) -> None:
     settings = sampler_settings(args)
 
     def score(checkpoint: Path) -> float:
-        return score_model(
-            checkpoint, args.prompts, metric, settings, template=template, references=args.references, oriented=True
-        )
+        values = [
+            score_model(checkpoint, list(prompts), metric, settings, template=template, references=refs, oriented=True)
+            for prompts, refs in prompts_of_tasks
+        ]
+        return sum(values) / len(values)
 
     # Candidates only differ in the UNet when text encoder and VAE come from the base: a UNet file is enough.
-    unet_only = args.text_encoder == "base" and args.vae == "base" and template is not None
+    copied = getattr(args, "text_encoder", "base") == "base" and getattr(args, "vae", "base") == "base"
+    unet_only = copied and template is not None
     candidate_out = operations.OutputOptions(format="diffusers-unet", progress=False) if unet_only else None
+    return name, score, candidate_out
+
+
+def _greedy_soup(args) -> None:
+    from featurefusion.errors import RecipeError
+    from featurefusion.merge.greedy import search_soup
+
+    if args.weights:
+        raise RecipeError("--weights and a greedy search exclude each other: the search chooses uniform members")
+    if not args.prompts:
+        raise RecipeError("a greedy search needs --prompts: held-out prompts to score candidate soups on")
+    name, score, candidate_out = _validation_scorer(args, [(_read_prompts(args.prompts), args.references)])
     result = search_soup(
         args.models, score, args.output, reverse=args.reverse_greedy, out=output_options(args),
         candidate_out=candidate_out,
@@ -250,6 +285,49 @@ def _greedy_soup(args) -> None:
         print(f"{action:>10}  {{{', '.join(str(args.models[i]) for i in members)}}}  {name} {value:.4f}")
     print(f"chosen: {', '.join(str(args.models[i]) for i in result.chosen)} ({result.evaluations} candidates scored)")
     print(f"wrote {args.output}")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    from featurefusion.evaluate.sampling import read_prompts
+
+    return read_prompts(path)
+
+
+def cmd_search(args) -> None:
+    from featurefusion.evaluate.matrix import read_tasks
+    from featurefusion.io.atomic import write_text_atomic
+    from featurefusion.merge import registry
+    from featurefusion.merge.greedy import search_soup
+    from featurefusion.merge.search import Candidate, grid, search_block_weights, search_merges, write
+
+    methods = registry.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m]
+    for method in methods:
+        registry.get(method)  # an unknown name fails before anything is sampled
+    tasks = read_tasks(args.tasks)
+    name, score, candidate_out = _validation_scorer(args, [(t.prompts, t.references) for t in tasks])
+    cache: dict = {}
+    candidates = grid([m for m in methods if m != "block-weighted"])
+    result = search_merges(args.models, candidates, score, None, candidate_out=candidate_out, cache=cache)
+    if args.block_search:
+        ta = [c for c in result.scores if c.method == "task-arithmetic"]
+        start = result.best_of("task-arithmetic").option_dict["scale"] if ta else 1.0 / len(args.models)
+        blocks = search_block_weights(args.models, score, None, start=start, candidate_out=candidate_out, cache=cache)
+        result.scores.update(blocks.scores)
+    if args.greedy_soups:
+        for reverse in (False, True):
+            scratch = args.output.with_name(f".{args.output.name}.greedy.safetensors")
+            soup = search_soup(args.models, score, scratch, reverse=reverse, candidate_out=candidate_out)
+            scratch.unlink(missing_ok=True)
+            weights = soup.weights(len(args.models))
+            result.scores[Candidate.soup(weights)] = soup.score
+    result.best = max(result.scores, key=result.scores.get)
+    write(args.models, result.best, args.output, output_options(args))
+    table = args.table or args.output.with_name(args.output.name + ".search.md")
+    header = f"Validation {name} (higher is better; FID negated), mean over {len(tasks)} tasks\n\n"
+    write_text_atomic(table, header + result.table(name))
+    print(result.table(name), end="")
+    print(f"chosen: {result.best.label} ({len(result.scores)} candidates scored)")
+    print(f"wrote {args.output}; table: {table}")
 
 
 def cmd_add(args) -> None:

@@ -11,7 +11,13 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where models and report.md go")
     p.add_argument("--images-per-task", type=int, help="test images per task and model (default 48)")
     p.add_argument("--steps", type=int, help="DDIM sampling steps (default 15)")
-    p.add_argument("--quick", action="store_true", help="a reduced run (fewer images, no ablation sweep) to try things")
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer images, short searches) to try things")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also run FeatureFusion's ablation on the test prompts: threshold sweep, slope, normalisation, sampled "
+        "mode (about 3 more minutes)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("toyworld", help="the built-in world's models")
@@ -41,7 +47,8 @@ def cmd_demo(args) -> None:
         evaluation = replace(evaluation, images_per_task=args.images_per_task)
     if args.steps:
         evaluation = replace(evaluation, steps=args.steps)
-    config = replace(config, evaluation=evaluation, progress=False if args.no_progress else None)
+    progress = False if args.no_progress else None
+    config = replace(config, evaluation=evaluation, ablation=args.ablation, progress=progress)
     report = run_demo(config)
     print(f"report: {report}")
 

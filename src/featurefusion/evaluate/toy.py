@@ -24,6 +24,13 @@ class EvalSettings:
     seed: int = 0
     split: str = "test"  # "train" prompts serve as held-out validation for greedy soups (seed differs)
     reference_images: int = 512
+    # "bf16": sample under CPU autocast to bfloat16 (about 2x faster on CPUs with bf16 matrix units). Every model
+    # of a comparison is sampled the same way; the scorer always runs in float32.
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass
@@ -72,8 +79,10 @@ class Evaluator:
         names = list(self.specs)
         prompts = [spec.prompt for name in names for spec in self.specs[name]]
         # One sampling call for all tasks: large batches keep the CPU busy.
-        images = pipe(prompts, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
-                      seed=self.settings.seed)  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.settings.precision == "bf16"):
+            images = pipe(prompts, steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
+                          seed=self.settings.seed)  # fmt: skip
+        images = images.float()
         result = ModelResult()
         offset = 0
         for name in names:

@@ -17,6 +17,21 @@ delta_m = specialist_m − base and write base + scale · combine(delta).
 """
 
 
+FOOTER = """
+## Choosing a merge: `featurefusion search`
+
+`featurefusion search BASE SPECIALIST... -o BEST --tasks val.yaml --metric clip` merges every candidate of
+the grid (each method's search space above, `--methods` to choose which), samples the validation prompts of
+every task with each one (same seeds for all) and scores them with the metric (CLIP score, ImageReward, or
+FID negated), averaged over the tasks. `--block-search` adds block weights chosen by coordinate ascent
+(autoMBW: start from the best task-arithmetic scale in every block, then try other values block by block and
+keep what improves), `--greedy-soups` adds the greedy and reverse-greedy soups. The best candidate is written
+to BEST and the table of every candidate to `BEST.search.md`. Candidates that differ only in the UNet are
+written as UNet files and sampled with `--template`. The built-in world's demo runs the same searches with
+its own scorer.
+"""
+
+
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -47,7 +62,7 @@ def methods_markdown() -> str:
             tried = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in p.search_space.items())
             lines.append(f"- searched by the demo and `featurefusion search`: {tried}")
         lines += [f"- cost: {p.cost}", f"- source: {p.source}"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + FOOTER
 
 
 def methods_text() -> str:

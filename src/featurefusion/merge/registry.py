@@ -72,6 +72,7 @@ class MergeMethodPlugin:
     """Base class of a registered merge method. Subclasses set the class attributes and `build`."""
 
     name: ClassVar[str]
+    title: ClassVar[str]  # how reports name it ("TIES", "Task arithmetic")
     Options: ClassVar[type]  # a frozen dataclass of `option(...)` fields; validates in __post_init__
     summary: ClassVar[str]  # one line: what it does
     source: ClassVar[str]  # where it comes from

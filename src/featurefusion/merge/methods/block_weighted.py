@@ -84,6 +84,7 @@ class BlockWeightedSum:
     """The engine's side: a weighted sum whose weights depend on the block of the module."""
 
     name = "block-weighted"
+    title = "Block-weighted"
     min_models = 2
     reads_all_models = True
     propagates_non_finite = True
@@ -128,7 +129,7 @@ class BlockWeighted(MergeMethodPlugin):
     """Weights per UNet block instead of one per model: early input blocks (composition), the middle block
     and the output blocks (detail, texture, style) can each take a different share of every specialist. The
     values use the community's block-weight format, so presets carry over; `featurefusion search
-    --method block-weighted` chooses them on validation prompts (autoMBW). Weights of 0 everywhere give the
+    --block-search` chooses them on validation prompts (autoMBW). Weights of 0 everywhere give the
     base, 1 everywhere (one specialist) give that specialist."""
 
     name = "block-weighted"

@@ -65,6 +65,7 @@ class Dare(_Dare):
     arithmetic."""
 
     name = "dare"
+    title = "DARE"
     order = 50
     summary = "drop task-vector entries at random, rescale by 1/density, add them up"
 
@@ -74,6 +75,7 @@ class DareTies(_Dare):
     """DARE's random drop and rescale, then TIES' sign election and disjoint mean instead of a sum."""
 
     name = "dare-ties"
+    title = "DARE-TIES"
     order = 51
     summary = "DARE's random drop, then TIES' sign election and disjoint mean"
     elect_sign = True

@@ -23,6 +23,7 @@ class FeatureFusionMethod(MergeMethodPlugin):
     decision the paper leaves open."""
 
     name = "featurefusion"
+    title = "FeatureFusion"
     order = 10
     Options = FeatureFusionOptions
     summary = "correlation-weighted convex blend of neurons, per linear/conv layer"

@@ -79,6 +79,7 @@ class IsoC(MergeMethodPlugin):
     the sum (shared by many tasks) stop drowning out the directions only one task uses."""
 
     name = "iso-c"
+    title = "Iso-C"
     order = 70
     Options = IsoCOptions
     summary = "sum of task vectors with its singular values flattened to their mean"
@@ -100,6 +101,7 @@ class IsoCts(MergeMethodPlugin):
     directions get the same (mean) singular value."""
 
     name = "iso-cts"
+    title = "Iso-CTS"
     order = 71
     Options = IsoCtsOptions
     summary = "Iso-C on the common subspace plus each task's own directions"

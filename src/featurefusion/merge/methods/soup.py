@@ -33,6 +33,7 @@ class Soup(MergeMethodPlugin):
     §4.2); `add` and `remove` update a soup exactly without the other members' files."""
 
     name = "soup"
+    title = "Soup"
     order = 20
     Options = SoupOptions
     summary = "weighted average of all parameters (uniform by default)"

@@ -41,6 +41,7 @@ class TaskArithmetic(MergeMethodPlugin):
     for what averaging loses, and the base of TIES, DARE, TSV and Iso-C. Scale 1/N is the uniform soup."""
 
     name = "task-arithmetic"
+    title = "Task arithmetic"
     order = 30
     Options = TaskArithmeticOptions
     summary = "base + scale × Σ (specialist − base)"

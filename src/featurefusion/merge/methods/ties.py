@@ -62,6 +62,7 @@ class Ties(MergeMethodPlugin):
     arithmetic."""
 
     name = "ties"
+    title = "TIES"
     order = 40
     Options = TiesOptions
     summary = "trim small changes, elect a sign per entry, average the agreeing task-vector values"

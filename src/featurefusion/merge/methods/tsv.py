@@ -58,6 +58,7 @@ class TaskSingularVectors(MergeMethodPlugin):
     Biases and norms get the mean task vector."""
 
     name = "tsv"
+    title = "TSV-Merge"
     order = 60
     Options = TsvOptions
     summary = "each task vector's top rank/T singular directions, orthogonalised across tasks, summed"
