@@ -8,7 +8,15 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from featurefusion.errors import CheckpointError, DataError, RecipeError
-from featurefusion.merge.zipit import ZipItInputs, ZipItOptions, ZipItPlan, apply_plan, zip_plan, zipit_unets
+from featurefusion.merge.zipit import (
+    ZipItInputs,
+    ZipItOptions,
+    ZipItPlan,
+    apply_plan,
+    noisy_inputs,
+    zip_plan,
+    zipit_unets,
+)
 from featurefusion.merge.zipit_graph import describe_unet
 from featurefusion.merge.zipit_matching import Zip, greedy_groups, match_space
 
@@ -130,6 +138,28 @@ def test_the_built_in_worlds_unet_with_a_permuted_copy():
     assert torch.allclose(output(merged, inputs), output(unet, inputs), atol=1e-5)
 
 
+def test_subsampled_positions_are_the_same_rows_in_every_model():
+    unet = build_unet(0)
+    inputs = inputs_for(unet)
+    merged = zipit_unets([unet, permuted_copy(unet)], inputs, ZipItOptions(positions=24))
+    assert torch.allclose(output(with_state(unet, merged), inputs), output(unet, inputs), atol=1e-5)
+
+
+def test_noisy_inputs_are_seeded_training_style_batches():
+    from diffusers import DDPMScheduler
+
+    images, embeddings = torch.rand(10, 4, 8, 8) * 2 - 1, torch.randn(10, 6, 32)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    first = noisy_inputs(images, embeddings, scheduler, seed=3, batch_size=4)
+    again = noisy_inputs(images, embeddings, scheduler, seed=3, batch_size=4)
+    assert [b.sample.shape[0] for b in first] == [4, 4, 2]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.sample, b.sample) and torch.equal(a.timesteps, b.timesteps)
+    assert not torch.equal(first[0].sample, images[:4])
+    with pytest.raises(DataError, match="10 images but 9 prompt embeddings"):
+        noisy_inputs(images, embeddings[:9], scheduler)
+
+
 def test_identical_models_give_the_model_exactly():
     unet = build_unet(0)
     merged = zipit_unets([unet, copy.deepcopy(unet)], inputs_for(unet), ZipItOptions(budget=1.0))
@@ -243,7 +273,15 @@ def test_three_models_zip_to_one_model_of_the_same_shape():
 
 @pytest.mark.parametrize(
     "options",
-    [dict(budget=1.5), dict(budget=-0.1), dict(repeat=2.0), dict(depth=-1), dict(depth=1.5), dict(depth=True)],
+    [
+        dict(budget=1.5),
+        dict(budget=-0.1),
+        dict(repeat=2.0),
+        dict(depth=-1),
+        dict(depth=1.5),
+        dict(depth=True),
+        dict(positions=1),
+    ],
 )
 def test_bad_options_are_recipe_errors(options):
     with pytest.raises(RecipeError, match="ZipIt! option"):

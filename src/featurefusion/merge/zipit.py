@@ -52,11 +52,13 @@ class ZipItOptions:
     """budget: ZipIt!'s β, the within-model budget (the issue's α): the share of a model's merges that may join
     two of its own features (0: a permutation between models, 1: free). repeat: ZipIt!'s α, how strongly a merged
     group competes for further merges (0: pairs only, needs exactly two models). depth: partial zip, the number
-    of U-Net blocks whose spaces are matched (None: all; 0: a uniform soup). Defaults are the reference code's."""
+    of U-Net blocks whose spaces are matched (None: all; 0: a uniform soup). budget and repeat default to the
+    reference code's values."""
 
     budget: float = 0.125
     repeat: float = 0.3
     depth: int | None = None
+    positions: int = 4096  # pixels/tokens per observation point and batch that enter the statistics
 
     def __post_init__(self):
         if not 0.0 <= self.budget <= 1.0:
@@ -67,6 +69,8 @@ class ZipItOptions:
             raise RecipeError(f"ZipIt! option: depth must be a whole number of blocks or None, got {self.depth!r}")
         if self.depth is not None and self.depth < 0:
             raise RecipeError(f"ZipIt! option: depth must be at least 0, got {self.depth}")
+        if isinstance(self.positions, bool) or not isinstance(self.positions, int) or self.positions < 2:
+            raise RecipeError(f"ZipIt! option: positions must be a whole number of at least 2, got {self.positions!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +97,23 @@ class ZipItInputs:
             raise DataError(
                 f"ZipIt! prompt embeddings must be [{b}, tokens, {config.cross_attention_dim}], got {list(ehs.shape)}"
             )
+
+
+def noisy_inputs(
+    images: torch.Tensor, prompt_embeddings: torch.Tensor, scheduler, seed: int = 0, batch_size: int = 64
+) -> list[ZipItInputs]:
+    """Sample inputs as denoising training shows them: each clean image (or latent) noised with the scheduler's
+    `add_noise` at a timestep drawn uniformly from its schedule, beside its prompt's embedding. Seeded."""
+    if images.shape[0] != prompt_embeddings.shape[0]:
+        raise DataError(f"{images.shape[0]} images but {prompt_embeddings.shape[0]} prompt embeddings")
+    gen = torch.Generator().manual_seed(seed)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],), generator=gen)
+    noise = torch.randn(images.shape, generator=gen)
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    return [
+        ZipItInputs(noisy[i : i + batch_size], timesteps[i : i + batch_size], prompt_embeddings[i : i + batch_size])
+        for i in range(0, images.shape[0], batch_size)
+    ]
 
 
 @dataclass
@@ -138,6 +159,14 @@ def zipit_unets(
 
 def zip_plan(unets: list[nn.Module], inputs: ZipItInputs | Iterable[ZipItInputs], options: ZipItOptions) -> ZipItPlan:
     """Describe the U-Nets, record their features on `inputs` and match every space."""
+    graph = describe_models(unets, options)
+    matched = {s.name for s in graph.matched_spaces(options.depth)}
+    stats = collect_statistics(unets, graph, inputs, matched, options.positions)
+    return match_spaces(graph, stats, len(unets), options, release=True)
+
+
+def describe_models(unets: list[nn.Module], options: ZipItOptions) -> UNetGraph:
+    """The U-Nets' common description, after checking that they and the options can be zipped."""
     if len(unets) < 2:
         raise RecipeError(f"ZipIt! needs at least two models, got {len(unets)}")
     if len(unets) > 2 and options.repeat <= 0:
@@ -148,23 +177,30 @@ def zip_plan(unets: list[nn.Module], inputs: ZipItInputs | Iterable[ZipItInputs]
             raise CheckpointError(f"ZipIt! needs U-Nets of one architecture; model {i} differs from model 1")
     if options.depth is not None and options.depth > len(graph.blocks):
         raise RecipeError(f"ZipIt! option: depth {options.depth} exceeds this U-Net's {len(graph.blocks)} blocks")
-    models = len(unets)
+    return graph
+
+
+def match_spaces(
+    graph: UNetGraph, stats: dict[str, Moments], models: int, options: ZipItOptions, release: bool = False
+) -> ZipItPlan:
+    """Every space's zip: matched by correlation within the depth, the same index elsewhere. Statistics do not
+    depend on budget, repeat or depth, so one recording serves a search over them; `release` drops each space's
+    statistics once used (SD's widest co-moments are 400 MB each)."""
     matched = graph.matched_spaces(options.depth)
-    stats = collect_statistics(unets, graph, inputs, {s.name for s in matched})
+    take = stats.pop if release else stats.__getitem__
     zips = {name: Zip.identity(space.size, models) for name, space in graph.spaces.items()}
     for space in matched:
         if space.kind == "v":
             continue  # matched with its query/key space
         if space.heads > 1:
-            corr_qk = correlation(stats[space.name].covariance())
-            corr_v = correlation(stats[space.partner].covariance())
+            corr_qk = take(space.name).correlation()
+            corr_v = take(space.partner).correlation()
             zips[space.name], zips[space.partner] = match_heads(
                 corr_qk, corr_v, models, space.heads, options.budget, options.repeat
             )
         else:
-            zips[space.name] = match_space(
-                correlation(stats[space.name].covariance()), models, options.budget, options.repeat
-            )
+            corr = take(space.name).correlation()
+            zips[space.name] = match_space(corr, models, options.budget, options.repeat)
     return ZipItPlan(graph, zips, [s.name for s in matched])
 
 
@@ -183,36 +219,47 @@ class Moments:
         n = rows.shape[0]
         mean = rows.mean(dim=0)
         centred = rows - mean
-        comoment = centred.T @ centred
         if self.mean is None:
-            self.count, self.mean, self.comoment = n, mean, comoment
+            self.count, self.mean, self.comoment = n, mean, centred.T @ centred
             return
         delta = mean - self.mean
         total = self.count + n
-        self.comoment += comoment + torch.outer(delta, delta) * (self.count * n / total)
+        # in place: the widest SD spaces' co-moments are 400 MB each
+        self.comoment.addmm_(centred.T, centred).addr_(delta, delta, alpha=self.count * n / total)
         self.mean += delta * (n / total)
         self.count = total
 
-    def covariance(self) -> torch.Tensor:
-        return self.comoment / max(self.count - 1, 1)
+    def correlation(self) -> torch.Tensor:
+        return correlation(self.comoment)  # scale-free: the co-moment need not be divided by the count
 
 
 @torch.inference_mode()
 def collect_statistics(
-    unets: list[nn.Module], graph: UNetGraph, inputs: ZipItInputs | Iterable[ZipItInputs], spaces: set[str]
+    unets: list[nn.Module],
+    graph: UNetGraph,
+    inputs: ZipItInputs | Iterable[ZipItInputs],
+    spaces: set[str],
+    positions: int = 4096,
 ) -> dict[str, Moments]:
     """Joint moments of every model's features, per space: row = one pixel or token of one sample, columns =
-    the space's channels of model 1, then model 2, ..."""
+    the space's channels of model 1, then model 2, ... At most `positions` rows per observation point and batch
+    are kept (a seeded subset, the same rows for every model): high-resolution layers have far more pixels than
+    a correlation estimate needs, and the co-moment costs rows x (N n)^2."""
     observations = [o for o in graph.observations if o.space in spaces]
     records: list[dict[int, list[torch.Tensor]]] = [{} for _ in unets]
     handles = []
+    batch_number = [0]
 
     def recorder(model: int, index: int, where: str):
         def hook(module, args, output=None):
             tensor = args[0] if where == "input" else output
             if isinstance(tensor, tuple):  # Transformer2DModel with return_dict=False
                 tensor = tensor[0]
-            records[model].setdefault(index, []).append(feature_matrix(tensor.detach()).float())
+            rows = feature_matrix(tensor.detach())
+            if rows.shape[0] > positions:
+                gen = torch.Generator().manual_seed(index * 1_000_003 + batch_number[0])
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:positions].to(rows.device)]
+            records[model].setdefault(index, []).append(rows.float())
 
         return hook
 
@@ -246,6 +293,7 @@ def collect_statistics(
                 )
             fold()
             seen += batch.sample.shape[0]
+            batch_number[0] += 1
         if seen == 0:
             raise DataError("ZipIt! needs at least one sample input")
         grid = torch.arange(TIME_GRID)
