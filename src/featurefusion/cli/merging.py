@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from featurefusion.cli.common import add_output_args, output_options, print_report
+from featurefusion.merge.registry import default_of
 
 
 def register(sub) -> None:
@@ -15,26 +16,17 @@ def register(sub) -> None:
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser(
-        "merge", help="merge models (base first) with FeatureFusion, a soup or task arithmetic, or replay a recipe"
-    )
+    p = sub.add_parser("merge", help="merge models (base first) with any registered method, or replay a recipe")
     p.set_defaults(handler=cmd_merge)
     p.add_argument("models", nargs="*", type=Path, help="checkpoints, base model first")
-    p.add_argument("--method", choices=("featurefusion", "soup", "task-arithmetic"), default="featurefusion")
-    p.add_argument("--weights", type=float, nargs="+", help="soup weights, one per model (normalised to sum 1)")
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=0.5,
-        help="task arithmetic: base + scale * sum of (specialist - base) (default 0.5)",
-    )
+    add_method_args(p)
     p.add_argument(
         "--text-encoder",
         choices=("base", "average"),
         default="base",
-        help="copy from the base (default) or average",
+        help="copy from the base (default) or merge with the method (FeatureFusion averages it)",
     )
-    p.add_argument("--vae", choices=("base", "average"), default="base", help="copy from the base (default) or average")
+    p.add_argument("--vae", choices=("base", "average"), default="base", help="copy from the base (default) or merge")
     p.add_argument("--recipe", type=Path, help="replay a recipe YAML (or a merged model's embedded recipe)")
     p.add_argument(
         "--no-statistics",
@@ -42,7 +34,10 @@ def register(sub) -> None:
         help="FeatureFusion: do not store the statistics that unlearning needs",
     )
     add_output_args(p)
-    add_featurefusion_args(p)
+
+    p = sub.add_parser("methods", help="list the merge methods with their options, sources and costs")
+    p.set_defaults(handler=cmd_methods)
+    p.add_argument("--markdown", action="store_true", help="print docs/methods.md")
 
     p = sub.add_parser("soup", help="Diffusion Soup of models: uniform, weighted, greedy or reverse-greedy")
     p.set_defaults(handler=cmd_soup)
@@ -103,49 +98,64 @@ def add_greedy_args(p: argparse.ArgumentParser) -> None:
     add_sampler_args(g, writes_model=True)
 
 
-def add_featurefusion_args(p: argparse.ArgumentParser) -> None:
-    from featurefusion.merge.featurefusion_math import (
-        MODES,
-        NORMALIZATIONS,
-        SAMPLE_DTYPES,
-        SLOPES,
-        FeatureFusionOptions,
-    )
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """`--method` and one flag per option name of every registered method. Flags default to None, so a
+    method's own default applies unless the flag is given; a flag given to a method without that option
+    is an error (see `method_options`)."""
+    from featurefusion.merge import registry
 
-    d = FeatureFusionOptions()
-    g = p.add_argument_group("FeatureFusion options (see docs/featurefusion.md)")
-    g.add_argument(
-        "--mode",
-        choices=MODES,
-        default=d.mode,
-        help="exact: closed-form statistics; sampled: the paper's random inputs",
+    p.add_argument(
+        "--method", choices=registry.names(), default="featurefusion", help="merge method (default: %(default)s)"
     )
-    g.add_argument(
-        "--threshold",
-        type=float,
-        default=d.threshold,
-        help="neuron pairs with |Pearson| below this get no weight",
-    )
-    g.add_argument(
-        "--slope",
-        choices=SLOPES,
-        default=d.slope,
-        help="rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)",
-    )
-    g.add_argument(
-        "--normalization",
-        choices=NORMALIZATIONS,
-        default=d.normalization,
-        help="convex: |P|-weighted blend; paper: divide by sum_j C_ij; column: authors' column L1",
-    )
-    g.add_argument("--samples", type=int, default=d.samples, help="random inputs per layer in sampled mode")
-    g.add_argument("--seed", type=int, default=d.seed, help="seed of the sampled mode")
-    g.add_argument(
-        "--sample-dtype",
-        choices=tuple(SAMPLE_DTYPES),
-        default=d.sample_dtype,
-        help="dtype of the sampled features",
-    )
+    g = p.add_argument_group("method options (`featurefusion methods` describes them; defaults are per method)")
+    for name, users in _option_users().items():
+        first = users[0][1]
+        defaults = ", ".join(f"{plugin.name}: {_shown(default_of(f))}" for plugin, f in users)
+        parsing = {"metavar": name.upper(), **first.metadata["argparse"]}
+        if "choices" in parsing:
+            del parsing["metavar"]
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"option_{name}",
+            default=None,
+            help=f"{first.metadata['help']} [{defaults}]",
+            **parsing,
+        )
+
+
+def method_options(args, method: str) -> dict:
+    """The option values given on the command line for `method`."""
+    from featurefusion.errors import RecipeError
+
+    values = {}
+    for name, users in _option_users().items():
+        value = getattr(args, f"option_{name}", None)
+        if value is None:
+            continue
+        if method not in {plugin.name for plugin, _ in users}:
+            takers = ", ".join(plugin.name for plugin, _ in users)
+            raise RecipeError(f"--{name.replace('_', '-')} is not an option of {method} (it applies to {takers})")
+        values[name] = value
+    return values
+
+
+def _option_users() -> dict:
+    from featurefusion.merge import registry
+    from featurefusion.merge.registry import cli_fields
+
+    users: dict[str, list] = {}
+    for plugin in registry.plugins():
+        for f in cli_fields(plugin.Options):
+            users.setdefault(f.name, []).append((plugin, f))
+    return users
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
 
 
 def cmd_inspect(args) -> None:
@@ -159,7 +169,6 @@ def cmd_merge(args) -> None:
     from featurefusion.errors import RecipeError
     from featurefusion.io.recipe import Recipe
     from featurefusion.merge import operations
-    from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 
     if args.recipe:
         if args.models:
@@ -168,29 +177,24 @@ def cmd_merge(args) -> None:
         recipe = recipe or Recipe.from_dict(_embedded_recipe(args.recipe))
         print_report(operations.replay(recipe, args.output, args.recipe.parent, False if args.no_progress else None))
         return
-    options = FeatureFusionOptions(
-        mode=args.mode,
-        threshold=args.threshold,
-        slope=args.slope,
-        normalization=args.normalization,
-        samples=args.samples,
-        seed=args.seed,
-        sample_dtype=args.sample_dtype,
-    )
     print_report(
         operations.merge(
             args.models,
             args.output,
             args.method,
-            options=options,
-            weights=args.weights,
+            method_options(args, args.method),
             text_encoder=args.text_encoder,
             vae=args.vae,
             out=output_options(args),
             save_statistics=not args.no_statistics,
-            scale=args.scale,
         )
     )
+
+
+def cmd_methods(args) -> None:
+    from featurefusion.merge.catalogue import methods_markdown, methods_text
+
+    print(methods_markdown() if args.markdown else methods_text(), end="")
 
 
 def cmd_soup(args) -> None:

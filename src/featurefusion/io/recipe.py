@@ -22,7 +22,6 @@ from featurefusion.errors import CheckpointError, RecipeError
 METADATA_KEY = "featurefusion.recipe"
 RECIPE_VERSION = 1
 OPERATIONS = ("merge", "soup-add", "soup-remove", "unlearn")
-METHODS = ("featurefusion", "soup", "copy")
 HASH_CACHE = Path(os.environ.get("FEATUREFUSION_CACHE", Path.home() / ".cache" / "featurefusion")) / "sha256.json"
 
 

@@ -5,6 +5,9 @@ The engine owns all I/O. For each module (a group of keys sharing a prefix, e.g.
 `merge_module`, and writes the result in the output dtype. A method does its maths in float32 and never sees
 file names or non-float tensors (those are copied from the base, never averaged).
 
+A method may also define `prepare(models)`, called with the opened checkpoints before anything is written
+(to read the UNet's layout, check options against it, and fail early).
+
 NaN/Inf checks: when any non-finite input necessarily makes the output non-finite (`propagates_non_finite`,
 true of weighted sums and copies), the engine checks the one output instead of every input, and looks for
 the culprit only when the output is bad. Other methods get every input checked before they run.

@@ -90,6 +90,9 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         methods = {c: job.methods.get(c, CopyBase()) for c in (*COMPONENTS, "extra")}
         fmt = job.output_format or base.layout
         validate_models(models, methods, components_written(fmt))
+        for method in {id(m): m for m in methods.values()}.values():
+            if hasattr(method, "prepare"):
+                method.prepare(models)  # e.g. block weights check their count against the UNet's blocks
         dtype_name = job.dtype or _dtype_name(base)
         out_dtype = DTYPES[dtype_name]
         modules = group_modules(base, components_written(fmt))

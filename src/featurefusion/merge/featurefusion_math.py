@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from featurefusion.errors import RecipeError
+from featurefusion.merge.registry import option
 
 SLOPES = ("rescale", "regress")
 NORMALIZATIONS = ("convex", "paper", "column")
@@ -48,14 +49,20 @@ DEGENERATE_ROW_SUM = 1e-6
 
 @dataclass(frozen=True)
 class FeatureFusionOptions:
-    mode: str = "exact"
-    threshold: float = 0.7
-    slope: str = "rescale"
-    normalization: str = "convex"
-    samples: int = 2048
-    seed: int = 0
-    sample_dtype: str = "float32"
-    chunk_rows: int = 512  # base neurons processed at once; bounds the [rows, N*n] matrices in memory
+    mode: str = option("exact", "exact: closed-form statistics; sampled: the paper's random inputs", choices=MODES)
+    threshold: float = option(0.7, "neuron pairs with |Pearson| below this get no weight", type=float)
+    slope: str = option(
+        "rescale", "rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)", choices=SLOPES
+    )
+    normalization: str = option(
+        "convex", "convex: |P|-weighted blend; paper: divide by sum_j C_ij; column: authors' column L1",
+        choices=NORMALIZATIONS,
+    )  # fmt: skip
+    samples: int = option(2048, "random inputs per layer in sampled mode", type=int)
+    seed: int = option(0, "seed of the random draws (FeatureFusion sampled mode, DARE)", type=int)
+    sample_dtype: str = option("float32", "dtype of the sampled features", choices=tuple(SAMPLE_DTYPES))
+    # Base neurons processed at once; bounds the [rows, N*n] matrices in memory.
+    chunk_rows: int = option(512, "base neurons processed at once", cli=False)
 
     def __post_init__(self):
         checks = [

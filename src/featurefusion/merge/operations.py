@@ -10,15 +10,13 @@ from pathlib import Path
 from featurefusion.errors import CheckpointError, RecipeError
 from featurefusion.io.checkpoint import COMPONENTS, open_checkpoint
 from featurefusion.io.recipe import ModelRef, Recipe, model_hash, recipe_of, resolve_model
-from featurefusion.merge.base import CopyBase, MergeMethod
+from featurefusion.merge import registry
 from featurefusion.merge.engine import MergeJob, MergeReport, run_merge
-from featurefusion.merge.featurefusion import FeatureFusion, StatisticsSidecar
+from featurefusion.merge.featurefusion import StatisticsSidecar
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
-from featurefusion.merge.soup import WeightedSum, add_weights, normalised_weights, remove_weights
-from featurefusion.merge.task_arithmetic import DEFAULT_SCALE, task_arithmetic_weights
-
-METHODS = ("featurefusion", "soup", "task-arithmetic")
-COMPONENT_RULES = ("base", "average")
+from featurefusion.merge.methods.soup import members as soup_members
+from featurefusion.merge.registry import COMPONENT_RULES, BuildContext, Built
+from featurefusion.merge.soup import add_weights
 
 
 @dataclass
@@ -41,48 +39,39 @@ def merge(
     models: list[Path],
     output: Path,
     method: str = "featurefusion",
+    options=None,
     *,
-    options: FeatureFusionOptions | None = None,
-    weights: list[float] | None = None,
     text_encoder: str = "base",
     vae: str = "base",
     out: OutputOptions | None = None,
     save_statistics: bool = True,
-    scale: float = DEFAULT_SCALE,
+    **option_values,
 ) -> MergeReport:
-    """Merge `models` (base first) with FeatureFusion, a soup or task arithmetic (`scale`) and write `output`."""
+    """Merge `models` (base first) with a registered method and write `output`.
+
+    `options` is the method's options dataclass, a dict, or None (defaults); keyword arguments set single
+    options (`merge(models, out, "soup", weights=[2, 1, 1])`, `merge(models, out, "ties", density=0.3)`).
+    """
     models = [Path(m) for m in models]
     out = out or OutputOptions()
-    if method not in METHODS:
-        raise RecipeError(f"unknown method {method!r}; choose one of {METHODS}")
+    plugin = registry.get(method)
+    chosen = plugin.make_options(options, **option_values)
     if len(models) < 2:
         raise RecipeError(f"a merge needs at least two models, got {len(models)}")
     components = {"unet": "merge", "text_encoder": _rule(text_encoder), "vae": _rule(vae)}
     refs = [ModelRef(str(m), model_hash(m)) for m in models]
-    if method in ("soup", "task-arithmetic"):
-        if method == "soup":
-            alphas, extra = normalised_weights(weights, len(models)), {}
-        else:
-            if weights is not None:
-                raise RecipeError("task arithmetic takes one --scale, not per-model weights")
-            alphas, extra = task_arithmetic_weights(len(models), scale), {"scale": scale}
-        members = [{"path": r.path, "sha256": r.sha256, "weight": a} for r, a in zip(refs, alphas, strict=True)]
-        methods = _weighted_sum_methods(components, alphas)
-        recipe = Recipe(
-            "merge", method, refs, {**extra, "members": members}, components, out.format, out.dtype, out.nan_policy
-        )
-        return _run(models, output, methods, recipe, out)
-    options = options or FeatureFusionOptions()
     recipe = Recipe(
-        "merge", "featurefusion", refs, options.as_dict(), components, out.format, out.dtype, out.nan_policy
+        "merge",
+        plugin.name,
+        refs,
+        plugin.recipe_options(chosen, refs),
+        components,
+        out.format,
+        out.dtype,
+        out.nan_policy,
     )
-    sidecar = (
-        StatisticsSidecar.create(statistics_path(output), options, [r.sha256 for r in refs])
-        if save_statistics
-        else None
-    )
-    methods = _featurefusion_methods(components, FeatureFusion(options, record=sidecar), len(models))
-    return _run(models, output, methods, recipe, out, sidecar)
+    built = plugin.build(recipe, BuildContext(output=Path(output), save_statistics=save_statistics))
+    return _run(models, output, built, recipe, out)
 
 
 def convert(model: Path, output: Path, out: OutputOptions) -> MergeReport:
@@ -97,7 +86,7 @@ def convert(model: Path, output: Path, out: OutputOptions) -> MergeReport:
         out.dtype,
         out.nan_policy,
     )
-    return _run([Path(model)], output, {}, recipe, out)
+    return _run([Path(model)], output, Built({}), recipe, out)
 
 
 def soup_add(
@@ -111,9 +100,8 @@ def soup_add(
     beta = 1.0 / (len(members) + 1) if weight is None else float(weight)
     keep, new = add_weights(beta)
     ref = ModelRef(str(model), model_hash(model))
-    new_members = [{**m, "weight": m["weight"] * keep} for m in members]
-    new_members.append({"path": ref.path, "sha256": ref.sha256, "weight": new})
-    return _update_soup(soup, model, output, parent, "soup-add", new_members, [keep, new], {"weight": beta}, out)
+    new_members = [{**m, "weight": m["weight"] * keep} for m in members] + soup_members([ref], [new])
+    return _update_soup(soup, ref, output, parent, "soup-add", new_members, {"weight": beta}, out)
 
 
 def remove(
@@ -135,30 +123,24 @@ def soup_remove(soup: Path, model: Path, output: Path, out: OutputOptions | None
     """theta' = (theta - alpha_j theta_j) / (1 - alpha_j), with alpha_j read from the soup's recipe."""
     parent = _recipe_of_model(soup)
     members = parent.options["members"]
-    digest = model_hash(model)
-    index = next((i for i, m in enumerate(members) if m["sha256"] == digest), None)
+    ref = ModelRef(str(model), model_hash(model))
+    index = next((i for i, m in enumerate(members) if m["sha256"] == ref.sha256), None)
     if index is None:
         raise CheckpointError(f"this model is not a member of the soup {soup} (no member has its SHA-256)", model)
     alpha = members[index]["weight"]
     rest = [{**m, "weight": m["weight"] / (1.0 - alpha)} for i, m in enumerate(members) if i != index]
-    return _update_soup(soup, model, output, parent, "soup-remove", rest, remove_weights(alpha), {"alpha": alpha}, out)
+    return _update_soup(soup, ref, output, parent, "soup-remove", rest, {"alpha": alpha}, out)
 
 
-def _update_soup(soup, model, output, parent, operation, members, pair_weights, extra, out):
+def _update_soup(soup, ref: ModelRef, output, parent: Recipe, operation, members, extra, out):
     out = out or OutputOptions(format=parent.format, dtype=parent.dtype, nan_policy=parent.nan_policy)
-    refs = [ModelRef(str(soup), model_hash(soup)), ModelRef(str(model), model_hash(model))]
-    methods = _weighted_sum_methods(parent.components, pair_weights)
+    refs = [ModelRef(str(soup), model_hash(soup)), ref]
     recipe = Recipe(
-        operation,
-        "soup",
-        refs,
-        {**extra, "members": members},
-        parent.components,
-        out.format,
-        out.dtype,
+        operation, "soup", refs, {**extra, "members": members}, parent.components, out.format, out.dtype,
         out.nan_policy,
-    )
-    return _run([Path(soup), Path(model)], output, methods, recipe, out)
+    )  # fmt: skip
+    built = registry.get("soup").build(recipe, BuildContext(output=Path(output)))
+    return _run([Path(soup), Path(ref.path)], output, built, recipe, out)
 
 
 def unlearn(
@@ -192,66 +174,42 @@ def unlearn(
     else:
         remaining = [resolve_model(r, Path(merged).parent) for r in remaining_refs]
     stats_file = Path(statistics) if statistics else statistics_path(Path(merged))
-    replay = StatisticsSidecar.open(stats_file)
+    recorded = StatisticsSidecar.open(stats_file)
     try:
-        options = FeatureFusionOptions(**replay.options)
-        if replay.model_hashes != [r.sha256 for r in recipe.models]:
+        options = FeatureFusionOptions(**recorded.options)
+        if recorded.model_hashes != [r.sha256 for r in recipe.models]:
             raise CheckpointError(f"statistics file does not belong to the merge {merged}", stats_file)
-        out = out or OutputOptions(format=recipe.format, dtype=recipe.dtype, nan_policy=recipe.nan_policy)
-        removed = recipe.models[index]
-        new_recipe = Recipe(
-            "unlearn",
-            "featurefusion",
-            remaining_refs,
-            {
-                **options.as_dict(),
-                "removed": {"path": removed.path, "sha256": removed.sha256},
-                "statistics": {
-                    "path": str(stats_file),
-                    "sha256": model_hash(stats_file),
-                    "dropped_index": index,
-                },
-            },
-            recipe.components,
-            out.format,
-            out.dtype,
-            out.nan_policy,
-        )
-        sidecar = StatisticsSidecar.create(statistics_path(output), options, [r.sha256 for r in remaining_refs])
-        method = FeatureFusion(options, record=sidecar, replay=replay, dropped_model=index)
-        methods = _featurefusion_methods(recipe.components, method, len(remaining))
-        return _run(remaining, output, methods, new_recipe, out, sidecar)
     finally:
-        replay.close()
+        recorded.close()
+    out = out or OutputOptions(format=recipe.format, dtype=recipe.dtype, nan_policy=recipe.nan_policy)
+    removed = recipe.models[index]
+    recorded_options = {
+        **options.as_dict(),
+        "removed": {"path": removed.path, "sha256": removed.sha256},
+        "statistics": {"path": str(stats_file), "sha256": model_hash(stats_file), "dropped_index": index},
+    }
+    new_recipe = Recipe(
+        "unlearn",
+        "featurefusion",
+        remaining_refs,
+        recorded_options,
+        recipe.components,
+        out.format,
+        out.dtype,
+        out.nan_policy,
+    )
+    built = registry.get("featurefusion").build(new_recipe, BuildContext(output=Path(output)))
+    return _run(remaining, output, built, new_recipe, out)
 
 
 def replay(recipe: Recipe, output: Path, recipe_dir: Path | None = None, progress: bool | None = None) -> MergeReport:
     """Run a recipe again. With unchanged inputs the output is bit-identical to the original."""
+    built = Built({}) if recipe.method == "copy" else None
+    plugin = None if built else registry.get(recipe.method)  # an unknown method is an error, never a default
     paths = [resolve_model(r, recipe_dir) for r in recipe.models]
     out = OutputOptions(recipe.format, recipe.dtype, recipe.nan_policy, progress)
-    components = recipe.components
-    if recipe.method == "copy":
-        return _run(paths, output, {}, recipe, out)
-    if recipe.method in ("soup", "task-arithmetic"):
-        # A merge records each member's weight; soup-add and soup-remove record the one number they used.
-        if recipe.operation == "merge":
-            weights = [m["weight"] for m in recipe.options["members"]]
-        elif recipe.operation == "soup-add":
-            weights = add_weights(recipe.options["weight"])
-        else:
-            weights = remove_weights(recipe.options["alpha"])
-        return _run(paths, output, _weighted_sum_methods(components, weights), recipe, out)
-    ff_fields = set(FeatureFusionOptions.__dataclass_fields__)
-    options = FeatureFusionOptions(**{k: v for k, v in recipe.options.items() if k in ff_fields})
-    hashes = [r.sha256 for r in recipe.models]
-    sidecar = StatisticsSidecar.create(statistics_path(output), options, hashes)
-    if recipe.operation == "merge":
-        method = FeatureFusion(options, record=sidecar)
-    else:
-        stats = recipe.options["statistics"]
-        replay_from = StatisticsSidecar.open(resolve_model(ModelRef(stats["path"], stats["sha256"]), recipe_dir))
-        method = FeatureFusion(options, record=sidecar, replay=replay_from, dropped_model=stats["dropped_index"])
-    return _run(paths, output, _featurefusion_methods(components, method, len(paths)), recipe, out, sidecar)
+    built = built or plugin.build(recipe, BuildContext(output=Path(output), recipe_dir=recipe_dir))
+    return _run(paths, output, built, recipe, out)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -261,27 +219,11 @@ def _rule(rule: str) -> str:
     return rule
 
 
-def _weighted_sum_methods(components: dict[str, str], weights: list[float]) -> dict[str, MergeMethod]:
-    """The UNet and every component whose rule is not 'base' get the weighted sum (components with the rule
-    'average' of a task-arithmetic merge get the same weights: the rule names where the method applies)."""
-    method = WeightedSum(weights)
-    return {c: method for c, rule in components.items() if rule != "base"}
-
-
-def _featurefusion_methods(components: dict[str, str], ff: FeatureFusion, count: int) -> dict[str, MergeMethod]:
-    methods: dict[str, MergeMethod] = {"unet": ff}
-    for component in COMPONENTS:
-        if component != "unet":
-            rule = components.get(component, "base")
-            methods[component] = CopyBase() if rule == "base" else WeightedSum([1.0 / count] * count)
-    return methods
-
-
-def _run(models, output, methods, recipe: Recipe, out: OutputOptions, sidecar: StatisticsSidecar | None = None):
+def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions) -> MergeReport:
     job = MergeJob(
         models=list(models),
         output=Path(output),
-        methods=methods,
+        methods=built.methods,
         output_format=out.format,
         dtype=out.dtype,
         metadata=recipe.metadata(),
@@ -289,7 +231,10 @@ def _run(models, output, methods, recipe: Recipe, out: OutputOptions, sidecar: S
         progress=out.progress,
         template=out.template,
     )
-    return run_merge(job, side_files=[sidecar] if sidecar else None)
+    try:
+        return run_merge(job, side_files=built.side_files)
+    finally:
+        built.close()
 
 
 def _recipe_of_model(path: Path):

@@ -26,16 +26,18 @@ class WeightedSum:
         self.min_models = min_models
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
-        out = {}
-        for suffix, values in tensors.items():
-            acc = values[0].to(torch.float32, copy=True).mul_(self.weights[0])
-            for w, value in zip(self.weights[1:], values[1:], strict=True):
-                acc.add_(value, alpha=w)  # fp16/bf16 inputs are widened inside the kernel, not copied
-            out[suffix] = acc
-        return out
+        return {suffix: weighted_sum(values, self.weights) for suffix, values in tensors.items()}
 
     def finish(self) -> None:
         pass
+
+
+def weighted_sum(values: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_i w_i values_i in float32."""
+    acc = values[0].to(torch.float32, copy=True).mul_(weights[0])
+    for w, value in zip(weights[1:], values[1:], strict=True):
+        acc.add_(value, alpha=w)  # fp16/bf16 inputs are widened inside the kernel, not copied
+    return acc
 
 
 def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
