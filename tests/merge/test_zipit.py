@@ -311,3 +311,59 @@ def test_unsupported_unets_are_named_not_merged_wrongly():
         describe_unet(build_unet(0, resnet_time_scale_shift="scale_shift"))
     with pytest.raises(CheckpointError, match="class_embed_type"):
         describe_unet(build_unet(0, class_embed_type="timestep"))
+
+
+# ---- the registered method: CLI, recipe, replay ------------------------------------------------------------
+def zipit_data(tmp_path):
+    from conftest import write_captioned_folder
+
+    return write_captioned_folder(tmp_path / "data", ["a red circle", "a blue square", "a striped circle"] * 2)
+
+
+def test_cli_zipit_of_a_model_and_itself_is_the_model(tiny, tmp_path):
+    from featurefusion.cli import main
+    from featurefusion.io.checkpoint import open_checkpoint
+    from featurefusion.io.recipe import recipe_of
+
+    out = tmp_path / "zipped.safetensors"
+    argv = ["merge", str(tiny.pipeline), str(tiny.base), "-o", str(out), "--method", "zipit", "--budget", "1",
+            "--sample-data", str(zipit_data(tmp_path)), "--sample-count", "4", "--depth", "5"]  # fmt: skip
+    assert main(argv) == 0
+    with open_checkpoint(out) as merged, open_checkpoint(tiny.pipeline) as base:
+        recipe = recipe_of(merged.metadata, out)
+        for key in base.keys("unet"):
+            assert torch.equal(merged.read(key), base.read(key)), key
+    assert recipe.method == "zipit"
+    assert {k: recipe.options[k] for k in ("budget", "depth", "sample_count")} == {"budget": 1.0, "depth": 5,
+                                                                                   "sample_count": 4}  # fmt: skip
+    assert len(recipe.options["sample_data_sha256"]) == 64
+
+
+def test_zipit_needs_sample_data_and_a_config(tiny, tmp_path):
+    from featurefusion.merge import operations
+
+    out = tmp_path / "z.safetensors"
+    with pytest.raises(RecipeError, match="needs sample inputs"):
+        operations.merge([tiny.pipeline, tiny.base], out, "zipit")
+    with pytest.raises(CheckpointError, match="needs their UNet config"):
+        operations.merge(tiny.models, out, "zipit", sample_data=str(zipit_data(tmp_path)), sample_count=2)
+    with pytest.raises(RecipeError, match="sample_count must be a positive"):
+        operations.merge([tiny.pipeline, tiny.base], out, "zipit", sample_data="toyworld", sample_count=0)
+    with pytest.raises(DataError, match="'toyworld' or a folder"):
+        operations.merge([tiny.pipeline, tiny.base], out, "zipit", sample_data=str(tmp_path / "nowhere"))
+    assert not out.exists()
+
+
+def test_replay_refuses_changed_sample_data(tiny, tmp_path):
+    from featurefusion.io.checkpoint import open_checkpoint
+    from featurefusion.io.recipe import recipe_of
+    from featurefusion.merge import operations
+
+    data, out = zipit_data(tmp_path), tmp_path / "z.safetensors"
+    operations.merge([tiny.pipeline, *tiny.specialists], out, "zipit", sample_data=str(data), sample_count=3)
+    with open_checkpoint(out) as merged:
+        recipe = recipe_of(merged.metadata, out)
+    (data / "metadata.jsonl").write_text((data / "metadata.jsonl").read_text().replace("red", "green"))
+    with pytest.raises(RecipeError, match="not the one the recipe was made with"):
+        operations.replay(recipe, tmp_path / "again.safetensors")
+    assert not (tmp_path / "again.safetensors").exists()

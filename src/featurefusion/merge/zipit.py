@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from featurefusion.errors import CheckpointError, DataError, RecipeError
+from featurefusion.merge.registry import option
 from featurefusion.merge.zipit_graph import UNetGraph, describe_unet, feature_matrix
 from featurefusion.merge.zipit_matching import Zip, correlation, match_heads, match_space
 
@@ -49,16 +50,29 @@ TIME_GRID = 1000
 
 @dataclass(frozen=True)
 class ZipItOptions:
-    """budget: ZipIt!'s β, the within-model budget (the issue's α): the share of a model's merges that may join
-    two of its own features (0: a permutation between models, 1: free). repeat: ZipIt!'s α, how strongly a merged
-    group competes for further merges (0: pairs only, needs exactly two models). depth: partial zip, the number
-    of U-Net blocks whose spaces are matched (None: all; 0: a uniform soup). budget and repeat default to the
-    reference code's values."""
+    """The matching's options. budget and repeat default to the reference code's values."""
 
-    budget: float = 0.125
-    repeat: float = 0.3
-    depth: int | None = None
-    positions: int = 4096  # pixels/tokens per observation point and batch that enter the statistics
+    budget: float = option(
+        0.125,
+        "ZipIt!: within-model budget (the paper's beta): share of a model's merges that may join two of its own "
+        "features; 0 pairs every feature with one of another model",
+        type=float,
+    )
+    repeat: float = option(
+        0.3,
+        "ZipIt!: how strongly a merged group competes for further merges (the paper's alpha); 0 merges pairs "
+        "only, which needs exactly two models",
+        type=float,
+    )
+    depth: int | None = option(
+        None,
+        "ZipIt!: partial zip, the number of U-Net blocks (down, mid, up, in running order) whose features are "
+        "matched; later layers are averaged neuron by neuron; 0 is a uniform soup (default: all blocks)",
+        type=int,
+    )
+    positions: int = option(
+        4096, "ZipIt!: pixels/tokens per observation point and batch that enter the statistics", type=int
+    )
 
     def __post_init__(self):
         if not 0.0 <= self.budget <= 1.0:
@@ -245,7 +259,8 @@ def collect_statistics(
     the space's channels of model 1, then model 2, ... At most `positions` rows per observation point and batch
     are kept (a seeded subset, the same rows for every model): high-resolution layers have far more pixels than
     a correlation estimate needs, and the co-moment costs rows x (N n)^2."""
-    observations = [o for o in graph.observations if o.space in spaces]
+    # Indices into graph.observations, so a point's position subsets do not depend on which spaces are recorded.
+    observations = {k: o for k, o in enumerate(graph.observations) if o.space in spaces}
     records: list[dict[int, list[torch.Tensor]]] = [{} for _ in unets]
     handles = []
     batch_number = [0]
@@ -264,7 +279,7 @@ def collect_statistics(
         return hook
 
     for m, unet in enumerate(unets):
-        for k, obs in enumerate(observations):
+        for k, obs in observations.items():
             module = unet.get_submodule(obs.module)
             if obs.where == "input":
                 handles.append(module.register_forward_pre_hook(recorder(m, k, "input")))
