@@ -28,7 +28,7 @@ def test_the_demo_runs_end_to_end(tmp_path):
     report = run_demo(config)
     text = report.read_text()
     headings = ("Every model on every task", "Unlearning", "FeatureFusion ablation", "How FeatureFusion weighs",
-                "Task arithmetic", "Greedy soups", "Times")  # fmt: skip
+                "Task arithmetic", "ZipIt!", "Greedy soups", "Times")  # fmt: skip
     for heading in headings:
         assert heading in text
     for picture in ("alignment.png", "fid.png", "grid.png", "threshold.png"):
