@@ -10,6 +10,8 @@ from featurefusion.merge import operations, registry
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.operations import OutputOptions
 
+from conftest import write_captioned_folder
+
 
 def unet(path) -> dict[str, torch.Tensor]:
     with open_checkpoint(path) as ckpt:
@@ -129,13 +131,20 @@ REPLAY_OPTIONS = {
     "dare": {"density": 0.3, "seed": 7},
     "dare-ties": {"density": 0.3, "seed": 7},
     "block-weighted": {"block_weights": ["0.3"]},
+    # ZipIt! runs the models on sample inputs: a captioned folder, encoded with the tiny pipeline's parts.
+    "zipit": lambda tiny, tmp: {
+        "sample_data": str(write_captioned_folder(tmp / "zipit-data", ["a red circle", "a blue square"] * 2)),
+        "sample_count": 4,
+        "pipeline": str(tiny.pipeline),
+    },
 }
 
 
 @pytest.mark.parametrize("method", registry.names())
 def test_recipe_replay_is_bit_identical(tiny, tmp_path, method):
     first, again = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    operations.merge(tiny.models, first, method, REPLAY_OPTIONS.get(method))
+    options = REPLAY_OPTIONS.get(method)
+    operations.merge(tiny.models, first, method, options(tiny, tmp_path) if callable(options) else options)
     recipe = Recipe.from_dict(__import__("json").loads(open_checkpoint(first).metadata["featurefusion.recipe"]))
     recipe_file = tmp_path / "recipe.yaml"
     recipe_file.write_text(recipe.to_yaml())

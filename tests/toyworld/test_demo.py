@@ -28,11 +28,17 @@ def test_the_demo_runs_end_to_end(tmp_path):
     report = run_demo(config)
     text = report.read_text()
     headings = ("Every model on every task", "Unlearning", "threshold sweep", "How FeatureFusion weighs",
-                "How each method's options were chosen", "Block weights", "Greedy soups", "Times")  # fmt: skip
+                "How each method's options were chosen", "Block weights", "ZipIt!", "Greedy soups",
+                "Times")  # fmt: skip
     for heading in headings:
         assert heading in text
     for picture in ("alignment.png", "fid.png", "grid.png", "threshold.png"):
         assert (report.parent / picture).stat().st_size > 1000
     assert "specialist objects-round" in text and "without objects-angular" in text
-    for row in ("| TIES (density 0.2, scale 1) |", "| Iso-CTS (scale 1) |", "| Block-weighted (searched) |"):
+    for row in (
+        "| TIES (density 0.2, scale 1) |",
+        "| Iso-CTS (scale 1) |",
+        "| Block-weighted (searched) |",
+        "| ZipIt! (budget 0.125) |",
+    ):
         assert row in text

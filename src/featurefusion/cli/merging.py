@@ -60,7 +60,8 @@ def register(sub) -> None:
     p.add_argument(
         "--methods",
         default="task-arithmetic,ties,dare,dare-ties,tsv,iso-c,iso-cts",
-        help="comma-separated methods whose search spaces form the grid, or 'all' (see `featurefusion methods`)",
+        help="comma-separated methods whose search spaces form the grid, or 'all' (every method but zipit, which "
+        "needs sample inputs, and block-weighted, which --block-search covers)",
     )
     p.add_argument(
         "--block-search",
@@ -300,7 +301,8 @@ def cmd_search(args) -> None:
     from featurefusion.merge.greedy import search_soup
     from featurefusion.merge.search import Candidate, grid, search_block_weights, search_merges, write
 
-    methods = registry.names() if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m]
+    everything = [m for m in registry.names() if m not in ("zipit", "block-weighted")]
+    methods = everything if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m]
     for method in methods:
         registry.get(method)  # an unknown name fails before anything is sampled
     tasks = read_tasks(args.tasks)

@@ -14,6 +14,7 @@ with `@register`. Every module of that package is imported on first use, so addi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterable
@@ -116,6 +117,10 @@ class MergeMethodPlugin:
             return self.Options(**values)
         except TypeError as err:
             raise RecipeError(f"recipe options do not fit {self.name}: {err}") from None
+
+    def search_context(self):
+        """A context that a search over this method's options runs in (ZipIt! records features once)."""
+        return contextlib.nullcontext()
 
     # ---- building -------------------------------------------------------------------------------------
     def build(self, recipe: Recipe, context: BuildContext) -> Built:

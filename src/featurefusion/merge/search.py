@@ -48,7 +48,11 @@ class Candidate:
     @property
     def title(self) -> str:
         """For reports: "TIES (density 0.2, scale 1)"."""
-        shown = ", ".join(f"{k.replace('_', ' ')} {_shown(v)}" for k, v in self.options)
+        return self.title_without(())
+
+    def title_without(self, hidden) -> str:
+        """The title without the options named in `hidden` (those every candidate shares)."""
+        shown = ", ".join(f"{k.replace('_', ' ')} {_shown(v)}" for k, v in self.options if k not in hidden)
         name = registry.get(self.method).title
         return f"{name} ({shown})" if shown else name
 
@@ -63,6 +67,8 @@ def _frozen(value):
 
 
 def _shown(value) -> str:
+    if value is None:
+        return "all"  # the options whose None means "no limit" (ZipIt!'s depth)
     if isinstance(value, tuple):
         return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)

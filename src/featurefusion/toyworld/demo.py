@@ -18,12 +18,19 @@ from tqdm.auto import tqdm
 
 from featurefusion.evaluate.report import heatmap, labelled_grid, line_plot, markdown_table
 from featurefusion.evaluate.toy import EvalSettings, Evaluator, ModelResult
-from featurefusion.merge import operations
+from featurefusion.merge import operations, registry
 from featurefusion.merge.featurefusion import model_shares
 from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.greedy import GreedyResult, search_soup
 from featurefusion.merge.operations import OutputOptions
-from featurefusion.merge.search import BlockSearchResult, SearchResult, grid, search_block_weights, search_merges
+from featurefusion.merge.search import (
+    BlockSearchResult,
+    Candidate,
+    SearchResult,
+    grid,
+    search_block_weights,
+    search_merges,
+)
 from featurefusion.progress import bar_disabled
 from featurefusion.toyworld.models import load_pipeline
 from featurefusion.toyworld.scorer import load_scorer
@@ -50,8 +57,14 @@ class DemoConfig:
     greedy: bool = True
     # Methods whose options are chosen on the validation prompts from their registered search space (or from
     # `method_spaces`), each then scored on the test prompts like every other row.
-    searched_methods: tuple[str, ...] = ("task-arithmetic", "ties", "dare", "dare-ties", "tsv", "iso-c", "iso-cts")
+    searched_methods: tuple[str, ...] = (
+        "task-arithmetic", "ties", "dare", "dare-ties", "tsv", "iso-c", "iso-cts", "zipit",
+    )  # fmt: skip
     method_spaces: dict[str, dict[str, tuple]] = field(default_factory=dict)
+    # Options every candidate of a method gets (ZipIt!'s sample inputs: noisy images of the broad training data).
+    fixed_options: dict[str, dict] = field(
+        default_factory=lambda: {"zipit": {"sample_data": "toyworld", "sample_count": 128}}
+    )
     # Block weights by coordinate ascent (autoMBW) from the best task-arithmetic scale: these multiples of it.
     block_search: tuple[float, ...] = (0.0, 2.0)
     progress: bool | None = None
@@ -75,7 +88,9 @@ def quick_config(out: Path = Path("runs/demo-quick")) -> DemoConfig:
             "tsv": {"scale": (1.0,)},
             "iso-c": {"scale": (1.0,)},
             "iso-cts": {"scale": (1.0,)},
+            "zipit": {"budget": (0.125,)},
         },
+        fixed_options={"zipit": {"sample_data": "toyworld", "sample_count": 32}},
         block_search=(2.0,),
     )
 
@@ -202,11 +217,14 @@ def _searched_method(name: str):
     def step(state: DemoState, models: Path) -> None:
         start = time.perf_counter()
         path = models / f"{name}.safetensors"
-        candidates = grid([name], state.config.method_spaces or None)
-        result = search_merges(state.inputs, candidates, _validation_score(state), path, out=_out(),
-                               candidate_out=_out(), cache=state.search_cache)  # fmt: skip
+        fixed = state.config.fixed_options.get(name, {})
+        candidates = [Candidate.of(name, {**fixed, **c.option_dict})
+                      for c in grid([name], state.config.method_spaces or None)]  # fmt: skip
+        with registry.get(name).search_context():
+            result = search_merges(state.inputs, candidates, _validation_score(state), path, out=_out(),
+                                   candidate_out=_out(), cache=state.search_cache)  # fmt: skip
         state.searches[name] = result
-        label = result.best.title
+        label = result.best.title_without(fixed)
         state.merge_seconds[label] = time.perf_counter() - start
         state.results[label] = state.score(path)
 
@@ -488,12 +506,24 @@ def _searches_section(state: DemoState) -> list[str]:
         "|---|---|",
     ]
     for result in state.searches.values():
+        fixed = state.config.fixed_options.get(result.best.method, {})
         cells = [
-            f"**{c.label}: {score:.1f}**" if c == result.best else f"{c.label}: {score:.1f}"
+            f"**{c.title_without(fixed)}: {score:.1f}**"
+            if c == result.best
+            else f"{c.title_without(fixed)}: {score:.1f}"
             for c, score in result.scores.items()
         ]
-        lines.append(f"| {result.best.title} | {'; '.join(cells)} |")
+        lines.append(f"| {registry.get(result.best.method).title} | {'; '.join(cells)} |")
     lines.append("")
+    if "zipit" in state.searches:
+        lines += [
+            "**ZipIt!** runs every model on the same noisy images of the broad training data, matches features by "
+            "correlation within and across models and rebuilds each layer through the merge and unmerge matrices "
+            "(Stoica et al. 2023; docs/zipit.md). The specialists are fine-tunes of one base, so their neurons are "
+            "already aligned: ZipIt! pairs nearly every neuron with its same-index copies and lands close to the "
+            "uniform soup.",
+            "",
+        ]
     if state.block_search is not None:
         b = state.block_search
         kept = [f"{block} → {value:g} ({score:.1f})" for block, value, score, k in b.steps if k]
