@@ -55,3 +55,10 @@ def test_a_recipe_with_an_unknown_method_is_refused_not_replayed_as_another(tiny
     with pytest.raises(RecipeError, match="unknown merge method 'frankenmerge'"):
         operations.replay(Recipe.from_dict(data), tmp_path / "again.safetensors")
     assert not (tmp_path / "again.safetensors").exists()
+
+
+def test_every_method_describes_itself():
+    for plugin in registry.plugins():
+        for attribute in ("name", "title", "summary", "source", "cost"):
+            assert getattr(plugin, attribute), f"{plugin.name}: {attribute}"
+        assert plugin.description, plugin.name

@@ -91,6 +91,7 @@ class ZipIt(MergeMethodPlugin):
     docs/zipit.md."""
 
     name = "zipit"
+    title = "ZipIt!"
     order = 90
     Options = ZipItMergeOptions
     summary = "features matched by correlation on sample inputs, within and across models (whole U-Nets)"
