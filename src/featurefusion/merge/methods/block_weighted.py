@@ -84,7 +84,6 @@ class BlockWeightedSum:
     """The engine's side: a weighted sum whose weights depend on the block of the module."""
 
     name = "block-weighted"
-    title = "Block-weighted"
     min_models = 2
     reads_all_models = True
     propagates_non_finite = True
@@ -133,6 +132,7 @@ class BlockWeighted(MergeMethodPlugin):
     base, 1 everywhere (one specialist) give that specialist."""
 
     name = "block-weighted"
+    title = "Block-weighted"
     order = 80
     Options = BlockWeightOptions
     summary = "a weight per UNet block for each specialist (the 26-value MBW format)"
