@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from featurefusion import __version__
@@ -29,9 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where SIGINT raises KeyboardInterrupt, so both unwind through the same clean-up."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    previous = _install(signal.SIGTERM, _terminate)
     try:
         return args.handler(args) or 0
     except FeatureFusionError as err:
@@ -39,6 +49,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"featurefusion: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, read-only folder, permission denied, ...: the file and the reason
+        if args.verbose:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"featurefusion: error: {err.strerror or err}{where}; nothing was written", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("featurefusion: terminated; no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("featurefusion: interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        _install(signal.SIGTERM, previous)
+
+
+def _install(signum, handler):
+    # Only the main thread may set handlers (tests call main() from others); there, keep the default.
+    try:
+        return signal.signal(signum, handler)
+    except (ValueError, TypeError):
+        return None

@@ -9,7 +9,9 @@ from pathlib import Path
 def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output file (or folder for --format diffusers)")
     p.add_argument(
-        "--format", choices=("ldm", "diffusers-unet", "diffusers"), help="output layout (default: the base's)"
+        "--format",
+        choices=("ldm", "diffusers-unet", "diffusers"),
+        help="output layout (default: the base's; add/remove: as recorded)",
     )
     p.add_argument(
         "--dtype",
@@ -19,8 +21,18 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nan",
         choices=("error", "skip"),
-        default="error",
-        help="NaN/Inf in a model's weight: stop (default), or warn and take that module from the base",
+        help="NaN/Inf in a model's weight: stop (default; add/remove: as recorded), or warn and take that module "
+        "from the base",
+    )
+    p.add_argument(
+        "--overflow",
+        choices=("error", "clamp"),
+        help="a merged value beyond the output dtype's range (fp16: 65504): stop (default), or saturate it",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing, non-empty output folder (only one that holds a model)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
@@ -34,7 +46,15 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
 def output_options(args):
     from featurefusion.merge.operations import OutputOptions
 
-    return OutputOptions(args.format, args.dtype, args.nan, False if args.no_progress else None, args.template)
+    return OutputOptions(
+        args.format,
+        args.dtype,
+        args.nan,
+        False if args.no_progress else None,
+        args.template,
+        overwrite=args.overwrite,
+        overflow=args.overflow,
+    )
 
 
 def print_report(report) -> None:

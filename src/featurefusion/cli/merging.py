@@ -95,7 +95,7 @@ def register(sub) -> None:
     p.add_argument(
         "--statistics",
         type=Path,
-        help="FeatureFusion statistics file (default: <merged>.ffstats.safetensors)",
+        help="FeatureFusion statistics file (default: the one beside the merged model)",
     )
     add_output_args(p)
 
@@ -199,8 +199,12 @@ def cmd_merge(args) -> None:
         if args.models:
             raise RecipeError("give either --recipe or models, not both")
         recipe = _load_recipe(args.recipe) if args.recipe.suffix in (".yaml", ".yml") else None
-        recipe = recipe or Recipe.from_dict(_embedded_recipe(args.recipe))
-        print_report(operations.replay(recipe, args.output, args.recipe.parent, False if args.no_progress else None))
+        recipe = recipe or Recipe.from_dict(_embedded_recipe(args.recipe), str(args.recipe))
+        progress = False if args.no_progress else None
+        report = operations.replay(
+            recipe, args.output, args.recipe.parent, progress, recipe_file=args.recipe, overwrite=args.overwrite
+        )
+        print_report(report)
         return
     print_report(
         operations.merge(

@@ -190,12 +190,22 @@ def load_pipeline(
                 f"{path} is a weights file without configs, tokenizer or scheduler: give a template pipeline "
                 "(--template FOLDER_OR_HUB_ID) whose architecture matches it"
             )
+        _check_template(template)
         pipe = _from_pretrained(DiffusionPipeline, str(template), torch_dtype)
         load_weights_into(pipe, path)
     if device is not None:
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images instead, on the main process
     return pipe
+
+
+def _check_template(template: str | os.PathLike) -> None:
+    """A local path that is not a pipeline folder would otherwise reach the hub as a malformed repo id."""
+    text, path = str(template), Path(template)
+    if path.exists() and not is_pipeline_folder(path):
+        raise CheckpointError("the template is not a diffusers pipeline folder (no model_index.json)", path)
+    if not path.exists() and not _looks_like_hub_id(text):
+        raise CheckpointError("template not found: no such folder (nor a hub id of the form owner/name)", path)
 
 
 def _looks_like_hub_id(text: str) -> bool:

@@ -1,20 +1,247 @@
-"""Small output files written whole or not at all: to a temporary name beside the target, then renamed."""
+"""Every file the tool writes appears whole at its path, or not at all, and nothing is left behind.
+
+One mechanism for all outputs:
+
+- `StagedFile(target)` is written in the target's folder (so the final rename never crosses file systems).
+  On Linux it is an anonymous `O_TMPFILE` inode: it has no name until `stage()` links it, so a process that
+  dies by any signal, SIGKILL included, leaves nothing. Where `O_TMPFILE` or `linkat` is unavailable it has
+  a hidden name `.NAME.ffpart-PID-TOKEN`, and `sweep_stale` removes such names of processes that are gone.
+- `StagedFolder(target)` is a hidden folder with that kind of name (folders cannot be anonymous).
+- `publish([...])` makes a group of staged outputs (a model and its statistics) visible together: every
+  item is staged (flushed, fsynced, named) before the first rename; if a rename fails, the renames already
+  done are undone, so either every target changes or none does. An existing target is kept as a hard link
+  (file) or renamed away (folder) until the group has been published.
+
+A SIGKILL in the microseconds between two renames of a group can still publish the first item alone; the
+statistics file is therefore tied to its model by content (see `merge.featurefusion`), never trusted by name.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import re
+import secrets
+import shutil
+import signal
 from pathlib import Path
 
+MARK = ".ffpart"
+# Staging names of this module, and the ones older versions used (`.NAME.PID.partial`, `.data`, `.tmp`).
+_STALE = re.compile(r"^\..+(?:\.ffpart-(\d+)-[0-9a-f]+|\.(\d+)\.(?:partial|data|tmp|old))$")
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+_linkat_works: dict[int, bool] = {}  # st_dev -> whether O_TMPFILE + linkat work there
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+def staging_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}{MARK}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def fault_point(name: str) -> None:
+    """Fault-injection hook for the tests: FEATUREFUSION_FAULT=NAME:SIGNAL makes this process send itself
+    SIGNAL when it reaches the point NAME (`staged`, `merging`, `publish`, `published-one`)."""
+    spec = os.environ.get("FEATUREFUSION_FAULT", "")
+    point, _, sig = spec.partition(":")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, sig or "SIGTERM"))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove staging files and folders left in `folder` by processes that no longer run (SIGKILL, power
+    loss). A name whose process still runs is kept: it may be another merge writing into the same folder."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STALE.match(entry.name)
+        if not match or _alive(int(match.group(1) or match.group(2))):
+            continue
+        path = Path(entry.path)
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _link_anonymous(fd: int, name: Path) -> None:
+    # os.link(follow_symlinks=True) calls link(2), which links the /proc symlink itself and fails with EXDEV;
+    # linkat with AT_SYMLINK_FOLLOW links the open inode.
+    source = f"/proc/self/fd/{fd}".encode()
+    if _libc().linkat(_AT_FDCWD, source, _AT_FDCWD, os.fsencode(name), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(name))
+
+
+def _anonymous_supported(folder: Path) -> bool:
+    """Probe once per file system: O_TMPFILE and linking it by /proc both work."""
+    dev = os.stat(folder).st_dev
+    if dev not in _linkat_works:
+        ok = False
+        if hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd"):
+            probe = folder / f".probe{MARK}-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                try:
+                    _link_anonymous(fd, probe)
+                    probe.unlink()
+                    ok = True
+                finally:
+                    os.close(fd)
+            except (OSError, AttributeError):
+                ok = False
+        _linkat_works[dev] = ok
+    return _linkat_works[dev]
+
+
+class StagedFile:
+    """A file written where `target` will be, invisible until published. `file` is a binary file object."""
+
+    is_dir = False
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        folder = self.target.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        sweep_stale(folder)
+        self.name: Path | None = None  # hidden name, once it has one
+        if _anonymous_supported(folder):
+            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o666)
+        else:
+            self.name = staging_name(self.target)
+            fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        self.file = os.fdopen(fd, "wb")
+
+    def stage(self) -> Path:
+        """Flush to disk and give the file its hidden name (if it has none yet); return that name."""
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            if self.name is None:
+                name = staging_name(self.target)
+                _link_anonymous(self.file.fileno(), name)
+                self.name = name
+            self.file.close()
+        assert self.name is not None
+        return self.name
+
+    def commit(self) -> None:
+        publish([self])
+
+    def abort(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        if self.name is not None:
+            self.name.unlink(missing_ok=True)
+
+
+class StagedFolder:
+    """A folder built under a hidden name beside `target`; `path` is where to write its files."""
+
+    is_dir = True
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.target.parent)
+        self.path = staging_name(self.target)
+        self.path.mkdir()
+
+    def stage(self) -> Path:
+        return self.path
+
+    def commit(self) -> None:
+        publish([self])
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def publish(items: list) -> None:
+    """Rename every staged item onto its target, all or none (see the module docstring)."""
+    try:
+        staged = [item.stage() for item in items]
+    except BaseException:
+        for item in items:
+            item.abort()
+        raise
+    done: list[tuple[Path, Path | None, bool]] = []  # (target, kept old version, is a folder)
+    try:
+        for item, path in zip(items, staged, strict=True):
+            target, old = item.target, None
+            if target.exists() or target.is_symlink():
+                old = staging_name(target)
+                if item.is_dir:
+                    os.rename(target, old)  # a folder cannot be replaced in one step
+                else:
+                    os.link(target, old, follow_symlinks=False)
+            done.append((target, old, item.is_dir))
+            os.replace(path, target)
+            fault_point("published-one" if len(done) == 1 and len(items) > 1 else "published")
+    except BaseException:
+        for target, old, is_dir in reversed(done):
+            with contextlib.suppress(OSError):
+                if is_dir and target.exists() and old is not None:
+                    shutil.rmtree(target) if not target.is_symlink() else target.unlink()
+                if old is not None:
+                    os.replace(old, target)
+                elif target.exists():
+                    shutil.rmtree(target) if is_dir else target.unlink()
+        for item in items:
+            item.abort()
+        raise
+    for _, old, is_dir in done:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if is_dir else old.unlink(missing_ok=True)
+    for folder in {item.target.parent for item in items}:
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The renames are durable only once the folder's entries are on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    staged = StagedFile(path)
+    try:
+        staged.file.write(data)
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = _temporary(Path(path))
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(Path(path), text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data) -> None:
@@ -23,6 +250,10 @@ def write_json_atomic(path: Path, data) -> None:
 
 def save_png_atomic(image, path: Path) -> None:
     """A PIL image as PNG."""
-    tmp = _temporary(Path(path))
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    staged = StagedFile(path)
+    try:
+        image.save(staged.file, format="PNG")
+    except BaseException:
+        staged.abort()
+        raise
+    staged.commit()

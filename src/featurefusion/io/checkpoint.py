@@ -48,10 +48,10 @@ Reader = SafetensorsReader | PickleReader
 CLIP_TOP_LEVEL = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
-def open_tensor_file(path: Path) -> Reader:
+def open_tensor_file(path: Path, hash_content: bool = False) -> Reader:
     if path.suffix in PICKLE_SUFFIXES:
-        return PickleReader(path)
-    return SafetensorsReader(path)
+        return PickleReader(path)  # torch.load reads it whole; content_hash() then reads it again
+    return SafetensorsReader(path, hash_content=hash_content)
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,18 @@ class Checkpoint:
     def source_file(self, key: str) -> Path:
         return self.ref(key).reader.path
 
+    def content_hash(self) -> str:
+        """SHA-256 as `recipe.model_hash` defines it, from the bytes read (open with `hash_content=True`)."""
+        from featurefusion.io.recipe import file_sha256, folder_sha256
+
+        def of(file: Path) -> str:
+            reader = next((r for r in self.readers if r.path == file), None)
+            if isinstance(reader, SafetensorsReader):
+                return reader.content_hash()
+            return file_sha256(file)
+
+        return folder_sha256(self.path, of) if self.path.is_dir() else of(self.readers[0].path)
+
     # ---- lifetime ------------------------------------------------------------------------------------
     def close(self) -> None:
         for reader in self.readers:
@@ -114,29 +126,31 @@ class Checkpoint:
         self.close()
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Detect the layout of `path` and open it lazily. Raises `CheckpointError` naming the file."""
+def open_checkpoint(path: str | os.PathLike, hash_content: bool = False) -> Checkpoint:
+    """Detect the layout of `path` and open it lazily. Raises `CheckpointError` naming the file.
+
+    `hash_content`: hash each file from the bytes the reads bring in (`Checkpoint.content_hash`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file or folder", path)
     if path.is_dir():
         if (path / "model_index.json").is_file():
-            return _open_pipeline_folder(path)
+            return _open_pipeline_folder(path, hash_content)
         for name in PIPELINE_WEIGHT_FILES["unet"]:
             if (path / name).is_file() and (path / "config.json").is_file():
-                return _open_unet_file(path / name, shown_path=path)
+                return _open_unet_file(path / name, shown_path=path, hash_content=hash_content)
         raise CheckpointError(
             "folder is neither a diffusers pipeline (model_index.json) nor a diffusers UNet "
             "(config.json + diffusion_pytorch_model.safetensors)",
             path,
         )
-    reader = open_tensor_file(path)
+    reader = open_tensor_file(path, hash_content)
     keys = reader.keys()
     if any(k.startswith(sd_keys.LDM_PREFIXES["unet"]) for k in keys):
         return _open_ldm(reader)
     if any(k.startswith(("down_blocks.", "conv_in.", "time_embedding.")) for k in keys):
         reader.close()
-        return _open_unet_file(path)
+        return _open_unet_file(path, hash_content=hash_content)
     reader.close()
     sample = ", ".join(sorted(keys)[:5]) or "(no tensors)"
     raise CheckpointError(
@@ -167,14 +181,14 @@ def _open_ldm(reader: Reader) -> Checkpoint:
     return Checkpoint(reader.path, "ldm", refs, layout, dict(reader.metadata), [reader])
 
 
-def _open_unet_file(path: Path, shown_path: Path | None = None) -> Checkpoint:
-    reader = open_tensor_file(path)
+def _open_unet_file(path: Path, shown_path: Path | None = None, hash_content: bool = False) -> Checkpoint:
+    reader = open_tensor_file(path, hash_content)
     refs = _component_refs("unet", reader)
     layout = unet_layout_from_diffusers_keys(reader.keys())
     return Checkpoint(shown_path or path, "diffusers-unet", refs, layout, dict(reader.metadata), [reader])
 
 
-def _open_pipeline_folder(path: Path) -> Checkpoint:
+def _open_pipeline_folder(path: Path, hash_content: bool = False) -> Checkpoint:
     refs: dict[str, TensorRef] = {}
     readers: list[Reader] = []
     try:
@@ -186,7 +200,7 @@ def _open_pipeline_folder(path: Path) -> Checkpoint:
                         f"no weights file for {component} (looked for {', '.join(names)})", path / component
                     )
                 continue
-            reader = open_tensor_file(file)
+            reader = open_tensor_file(file, hash_content)
             readers.append(reader)
             refs.update(_component_refs(component, reader))
     except BaseException:

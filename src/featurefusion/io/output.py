@@ -2,13 +2,12 @@
 
 The engine hands over canonical keys (`unet.conv_in.weight`, ...) in a fixed order; `plan_output` maps them
 to files and file keys of the requested layout, and `CheckpointWriter` streams them out. Everything is
-written under a temporary name in the destination folder and renamed into place at `commit()`, so an
-interrupted or failed merge leaves no partial model at the output path.
+staged beside the destination and published at `commit()` (`io.atomic`), so an interrupted or failed merge
+leaves no partial model at the output path, and nothing else either.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,8 +17,9 @@ import torch
 
 from featurefusion.errors import CheckpointError
 from featurefusion.io import sd_keys
+from featurefusion.io.atomic import StagedFolder, publish
 from featurefusion.io.checkpoint import PIPELINE_WEIGHT_FILES, Checkpoint
-from featurefusion.io.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
+from featurefusion.io.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter, planned_size
 
 OUTPUT_FORMATS = ("ldm", "diffusers-unet", "diffusers")
 
@@ -100,26 +100,57 @@ def _to_1x1_conv(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(*t.shape, 1, 1)
 
 
+def check_output_target(fmt: str, path: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output that cannot be written or would destroy what the tool did not
+    write: a single file goes to a `.safetensors` name that is not a folder; a pipeline folder replaces only
+    an empty folder, or with `overwrite` a folder that holds a model."""
+    path = Path(path)
+    if fmt != "diffusers":
+        if path.is_dir():
+            raise CheckpointError(f"the output is a folder; a {fmt} model is one file: give a file name", path)
+        if path.suffix != ".safetensors":
+            raise CheckpointError(
+                f"a {fmt} output is written as safetensors: name it *.safetensors (a {path.suffix or 'suffix-less'} "
+                "name promises a format it would not hold)",
+                path,
+            )
+        return
+    if path.exists() and not path.is_dir():
+        raise CheckpointError("the output of --format diffusers is a folder, and a file exists at that path", path)
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise CheckpointError("the output folder exists and is not empty; give --overwrite to replace it", path)
+        if not _holds_a_model(path):
+            raise CheckpointError(
+                "the output folder holds no diffusers model (model_index.json or config.json with weights); "
+                "refusing to replace it even with --overwrite",
+                path,
+            )
+
+
+def _holds_a_model(folder: Path) -> bool:
+    if (folder / "model_index.json").is_file():
+        return True
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in PIPELINE_WEIGHT_FILES["unet"]
+    )
+
+
 class CheckpointWriter:
-    """Streams canonical tensors into the files of an `OutputPlan`; all or nothing."""
+    """Streams canonical tensors into the files of an `OutputPlan`; all or nothing (see `io.atomic`)."""
 
     def __init__(self, plan: OutputPlan, metadata: Mapping[str, str]):
         self.plan = plan
         # Transformers refuses safetensors files whose metadata lacks the framework tag.
-        meta = {"format": "pt", **metadata}
-        target = plan.path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = (
-            target.with_name(f".{target.name}.{os.getpid()}.partial") if plan.format == "diffusers" else None
-        )
+        self.metadata = {"format": "pt", **metadata}
+        self._folder = StagedFolder(plan.path) if plan.format == "diffusers" else None
         self._writers: dict[str, StreamingSafetensorsWriter] = {}
         try:
-            if self._staging is not None:
-                shutil.rmtree(self._staging, ignore_errors=True)
-                _copy_template(plan.template, self._staging, set(plan.files))
+            if self._folder is not None:
+                _copy_template(plan.template, self._folder.path, set(plan.files))
             for rel, planned in plan.files.items():
-                file_path = (self._staging / rel) if self._staging is not None else target
-                self._writers[rel] = StreamingSafetensorsWriter(file_path, planned, meta)
+                file_path = (self._folder.path / rel) if self._folder is not None else plan.path
+                self._writers[rel] = StreamingSafetensorsWriter(file_path, planned, self.metadata)
         except BaseException:
             self.abort()
             raise
@@ -133,22 +164,22 @@ class CheckpointWriter:
             tensor = placement.from_canonical(tensor)
         self._writers[placement.file].write(placement.key, tensor)
 
+    def finish(self) -> list:
+        """Check every file is complete and return what `publish` makes visible: the file, or the folder."""
+        staged = [item for writer in self._writers.values() for item in writer.finish()]
+        if self._folder is None:
+            return staged
+        publish(staged)  # into the hidden folder; the folder itself is published by the caller
+        return [self._folder]
+
     def commit(self) -> None:
-        for writer in self._writers.values():
-            writer.commit()
-        if self._staging is not None:
-            target = self.plan.path
-            old = target.with_name(f".{target.name}.{os.getpid()}.old")
-            if target.exists():
-                os.replace(target, old)
-            os.replace(self._staging, target)
-            shutil.rmtree(old, ignore_errors=True)
+        publish(self.finish())
 
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.abort()
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._folder is not None:
+            self._folder.abort()
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -156,6 +187,12 @@ class CheckpointWriter:
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def output_size(plan: OutputPlan, metadata: Mapping[str, str]) -> int:
+    """Bytes the output's weight files will take (configs copied from a template are small)."""
+    meta = {"format": "pt", **metadata}
+    return sum(planned_size(planned, meta) for planned in plan.files.values())
 
 
 def _copy_template(template: Path | None, staging: Path, written: set[str]) -> None:

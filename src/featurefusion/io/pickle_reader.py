@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from featurefusion.errors import CheckpointError
-from featurefusion.io.safetensors_stream import TensorInfo
+from featurefusion.io.safetensors_stream import TensorInfo, check_regular_file
 
 
 class PickleReader:
@@ -21,8 +21,9 @@ class PickleReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError("no such file", self.path)
+        check_regular_file(self.path)
+        if self.path.stat().st_size == 0:
+            raise CheckpointError("empty file (0 bytes): not a PyTorch checkpoint", self.path)
         try:
             try:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)

@@ -16,11 +16,15 @@ start of the data section (plus an optional "__metadata__" str->str map), then t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import stat
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 
 from featurefusion.errors import CheckpointError
+from featurefusion.io.atomic import StagedFile, publish
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -50,6 +55,97 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # A header larger than this is not a checkpoint header but a corrupt length field.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The header is a flat object of objects; deeper JSON is an attack on the parser, refused before parsing.
+MAX_HEADER_DEPTH = 8
+HASH_CHUNK = 16 * 1024 * 1024
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def check_regular_file(path: Path) -> None:
+    """A clear reason when `path` cannot be a checkpoint file: missing, a folder, a FIFO, a device."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError("no such file", path) from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read: {err.strerror}", path) from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError("is a folder, not a checkpoint file", path)
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+        )
+        raise CheckpointError(f"is {kind}, not a regular file; checkpoints are read from files", path)
+
+
+def parse_header_json(raw: bytes, path: Path) -> dict:
+    """The header object, with the checks the safetensors library makes: a JSON object, no key twice,
+    bounded nesting."""
+    # Nesting is measured on the bytes (strings blanked out), so a hostile header never reaches the parser.
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub(b'""', raw)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > MAX_HEADER_DEPTH:
+            raise CheckpointError(f"corrupt safetensors header: JSON nested deeper than {MAX_HEADER_DEPTH}", path)
+
+    def unique(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise CheckpointError("corrupt safetensors header: a key appears twice", path, key)
+            seen[key] = value
+        return seen
+
+    try:
+        header = json.loads(raw, object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"corrupt safetensors header ({err})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("corrupt safetensors header: not a JSON object", path)
+    return header
+
+
+def _tensor_info(key: str, entry, data_size: int, path: Path) -> TensorInfo:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(entry["shape"])
+        offsets = tuple(entry["data_offsets"])
+        if not all(type(v) is int for v in (*shape, *offsets)) or len(offsets) != 2 or min((*shape, 0)) < 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"corrupt header entry {entry!r}", path, key) from None
+    begin, end = offsets
+    info = TensorInfo(dtype, shape, begin, end)
+    if begin < 0 or end < begin:
+        raise CheckpointError(f"corrupt header: data_offsets [{begin}, {end}] are not a byte range", path, key)
+    if end - begin != info.numel * dtype.itemsize:
+        raise CheckpointError(
+            f"header says {end - begin} bytes for a {entry['dtype']} tensor of shape {list(shape)}", path, key
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"truncated file: the tensor ends at byte {end} of the data section, which holds only {data_size} bytes",
+            path,
+            key,
+        )
+    return info
+
+
+def _check_layout(infos: dict[str, TensorInfo], data_size: int, path: Path) -> None:
+    """Tensors tile the data section: in offset order each starts where the previous ends, the last ends at
+    the end of the file. Otherwise header bytes or another tensor's bytes would be read as weights."""
+    position = 0
+    for key, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            what = "overlaps the previous tensor" if info.begin < position else f"leaves a gap at byte {position}"
+            raise CheckpointError(f"corrupt header: the tensor's data {what}", path, key)
+        position = info.end
+    if position != data_size:
+        raise CheckpointError(
+            f"corrupt safetensors file: {data_size - position} bytes after the last tensor are not part of any tensor",
+            path,
+        )
 
 
 @dataclass(frozen=True)
@@ -69,15 +165,22 @@ class TensorInfo:
 
 
 class SafetensorsReader:
-    """Lazy reader of one .safetensors file. Validates the header on open; reads tensors on demand."""
+    """Lazy reader of one .safetensors file. Validates the header on open; reads tensors on demand.
 
-    def __init__(self, path: str | os.PathLike):
+    With `hash_content`, the file's SHA-256 is computed from the bytes the reads bring in anyway: reads at
+    or behind the hashed position cost nothing extra, a read ahead of it hashes the gap first, and
+    `content_hash()` hashes whatever was never read. Replay uses this to verify inputs without a second pass.
+    """
+
+    def __init__(self, path: str | os.PathLike, hash_content: bool = False):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError("no such file", self.path)
+        check_regular_file(self.path)
+        self._hash = hashlib.sha256() if hash_content else None
+        self._hashed = 0  # bytes of the file hashed so far, from its start
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed by close()/__exit__
         try:
             self._infos, self.metadata, self._data_start = self._parse_header()
+            self._hashed = self._data_start
         except BaseException:
             self._file.close()
             raise
@@ -94,38 +197,21 @@ class SafetensorsReader:
                 f"a file of {size} bytes",
                 self.path,
             )
-        try:
-            header = json.loads(self._file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"corrupt safetensors header ({err})", self.path) from None
-        if not isinstance(header, dict):
-            raise CheckpointError("corrupt safetensors header: not a JSON object", self.path)
-        metadata = header.pop("__metadata__", None) or {}
+        raw = self._file.read(header_len)
+        if self._hash is not None:
+            self._hash.update(head + raw)
+        header = parse_header_json(raw, self.path)
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise CheckpointError("corrupt safetensors header: __metadata__ must map strings to strings", self.path)
         data_start = 8 + header_len
         data_size = size - data_start
-        infos: dict[str, TensorInfo] = {}
-        for key, entry in header.items():
-            try:
-                dtype = DTYPES[entry["dtype"]]
-                shape = tuple(int(s) for s in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"corrupt header entry {entry!r}", self.path, key) from None
-            info = TensorInfo(dtype, shape, begin, end)
-            if end - begin != info.numel * dtype.itemsize:
-                raise CheckpointError(
-                    f"header says {end - begin} bytes for a {entry['dtype']} tensor of shape {list(shape)}",
-                    self.path,
-                    key,
-                )
-            if end > data_size:
-                raise CheckpointError(
-                    f"truncated file: the tensor ends at byte {end} of the data section, "
-                    f"which holds only {data_size} bytes",
-                    self.path,
-                    key,
-                )
-            infos[key] = info
+        infos = {key: _tensor_info(key, entry, data_size, self.path) for key, entry in header.items()}
+        _check_layout(infos, data_size, self.path)
         return infos, dict(metadata), data_start
 
     def keys(self) -> list[str]:
@@ -145,11 +231,32 @@ class SafetensorsReader:
         info = self.info(key)
         raw = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            self._file.seek(self._data_start + info.begin)
+            start = self._data_start + info.begin
+            if self._hash is not None and start > self._hashed:
+                self._hash_until(start)
+            self._file.seek(start)
             got = self._file.readinto(raw.numpy())
             if got != info.nbytes:
                 raise CheckpointError(f"truncated file: read {got} of {info.nbytes} bytes", self.path, key)
+            if self._hash is not None and start <= self._hashed < start + info.nbytes:
+                self._hash.update(memoryview(raw.numpy())[self._hashed - start :])
+                self._hashed = start + info.nbytes
         return raw.view(info.dtype).reshape(info.shape)
+
+    def _hash_until(self, end: int) -> None:
+        while self._hashed < end:
+            chunk = os.pread(self._file.fileno(), min(HASH_CHUNK, end - self._hashed), self._hashed)
+            if not chunk:
+                raise CheckpointError("file shrank while it was read", self.path)
+            self._hash.update(chunk)
+            self._hashed += len(chunk)
+
+    def content_hash(self) -> str:
+        """SHA-256 of the whole file (needs `hash_content=True`); hashes the bytes no read has covered."""
+        if self._hash is None:
+            raise RuntimeError("this reader was opened without hash_content")
+        self._hash_until(os.fstat(self._file.fileno()).st_size)
+        return self._hash.hexdigest()
 
     def close(self) -> None:
         self._file.close()
@@ -190,10 +297,11 @@ def build_header(planned: Iterable[PlannedTensor], metadata: Mapping[str, str] |
 
 
 class StreamingSafetensorsWriter:
-    """Writes a safetensors file tensor by tensor, in the planned order, atomically.
+    """Writes a safetensors file tensor by tensor, in the planned order, atomically (see `io.atomic`).
 
-    Use as a context manager: leaving the block with an exception removes the temporary file; call
-    `commit()` inside the block once every planned tensor has been written.
+    `finish()` checks every planned tensor was written and returns the staged file for `publish`, so a model
+    and its side files appear together; `commit()` publishes it alone. Leaving a `with` block with an
+    exception (or `abort()`) discards it.
     """
 
     def __init__(
@@ -202,10 +310,13 @@ class StreamingSafetensorsWriter:
         self.path = Path(path)
         self._planned = planned
         self._next = 0
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit()/abort()
-        self._file.write(build_header(planned, metadata))
+        self._staged = StagedFile(self.path)
+        self._file = self._staged.file
+        try:
+            self._file.write(build_header(planned, metadata))
+        except BaseException:
+            self._staged.abort()
+            raise
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._planned):
@@ -221,27 +332,31 @@ class StreamingSafetensorsWriter:
             self._file.write(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
 
-    def commit(self) -> None:
+    def finish(self) -> list[StagedFile]:
         if self._next != len(self._planned):
             missing = self._planned[self._next].key
             self.abort()
             raise RuntimeError(f"writer for {self.path} closed before tensor {missing!r} was written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
+        return [self._staged]
+
+    def commit(self) -> None:
+        publish(self.finish())
 
     def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._tmp.unlink(missing_ok=True)
+        self._staged.abort()
 
     def __enter__(self) -> StreamingSafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None or not self._file.closed:
+        if exc_type is not None:
             self.abort()
+
+
+def planned_size(planned: Iterable[PlannedTensor], metadata: Mapping[str, str] | None = None) -> int:
+    """Bytes of the file `StreamingSafetensorsWriter` will write."""
+    planned = list(planned)
+    return len(build_header(planned, metadata)) + sum(math.prod(t.shape) * t.dtype.itemsize for t in planned)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -252,8 +367,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 class AppendingSafetensorsWriter:
     """A safetensors writer for tensors whose number and sizes are not known in advance.
 
-    Data is appended to a scratch file as tensors arrive; `commit()` writes the header and copies the data
-    behind it, then renames into place. Memory stays at one tensor; disk briefly holds the data twice.
+    Data is appended to an unnamed scratch file (it vanishes with the process, whatever kills it) as tensors
+    arrive; `finish()` writes the header and copies the data behind it into a staged file. Memory stays at
+    one tensor; disk briefly holds the data twice. `extra_metadata` may be set until `finish()`.
     """
 
     def __init__(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None):
@@ -261,9 +377,8 @@ class AppendingSafetensorsWriter:
         self.metadata = dict(metadata or {})
         self._planned: list[PlannedTensor] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._data_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.data")
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        self._data = open(self._data_path, "wb")  # noqa: SIM115 - closed by commit()/abort()
+        self._data = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 - closed by finish()/abort()
+        self._staged: StagedFile | None = None
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         flat = tensor.detach().contiguous().reshape(-1)
@@ -271,18 +386,23 @@ class AppendingSafetensorsWriter:
         if flat.numel():
             self._data.write(memoryview(flat.view(torch.uint8).numpy()))
 
-    def commit(self) -> None:
+    def finish(self) -> list[StagedFile]:
+        try:
+            self._staged = StagedFile(self.path)
+            self._staged.file.write(build_header(self._planned, self.metadata))
+            self._data.seek(0)
+            shutil.copyfileobj(self._data, self._staged.file, length=16 * 1024 * 1024)
+        except BaseException:
+            self.abort()
+            raise
         self._data.close()
-        with open(self._tmp, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(build_header(self._planned, self.metadata))
-            shutil.copyfileobj(data, out, length=16 * 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        self._data_path.unlink()
-        os.replace(self._tmp, self.path)
+        return [self._staged]
+
+    def commit(self) -> None:
+        publish(self.finish())
 
     def abort(self) -> None:
         if not self._data.closed:
             self._data.close()
-        self._data_path.unlink(missing_ok=True)
-        self._tmp.unlink(missing_ok=True)
+        if self._staged is not None:
+            self._staged.abort()

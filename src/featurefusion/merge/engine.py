@@ -4,9 +4,13 @@ Memory: at any time the engine holds the tensors of a few modules: one read ahea
 one being merged, and up to two tensors being written behind on another thread. Peak memory therefore grows with
 the number of models times the largest layer, not with the size of the models.
 
-Checks before anything is written: enough models, output path not among the inputs, the same keys and
-shapes in every model for each component that is merged (not copied). During the merge every float tensor
-read is checked for NaN/Inf. Any failure names the file and key and leaves nothing at the output path.
+Checks before anything is written: enough models; no output (model or side file) is or overlaps any file
+the command reads; the output target can be written without destroying anything (`check_output_target`);
+the same keys, shapes and kinds (float or integer) in every model for each component that is merged (not
+copied); enough free space. During the merge inputs are checked for NaN/Inf (see `merge.base`), and every
+tensor is checked again after its cast to the output dtype, for every method. Any failure names the file
+and key and leaves nothing new on disk: the model and its side files are published together at the end
+(`io.atomic.publish`), or not at all.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import ctypes
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from featurefusion.errors import CheckpointError, RecipeError
+from featurefusion.io.atomic import fault_point, publish
 from featurefusion.io.checkpoint import COMPONENTS, Checkpoint, open_checkpoint
-from featurefusion.io.output import CheckpointWriter, components_written, plan_output
+from featurefusion.io.output import (
+    CheckpointWriter,
+    check_output_target,
+    components_written,
+    output_size,
+    plan_output,
+)
 from featurefusion.merge.base import CopyBase, MergeMethod
 from featurefusion.progress import bar_disabled
 
@@ -34,6 +46,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NAN_POLICIES = ("error", "skip")
+OVERFLOW_POLICIES = ("error", "clamp")
+# float8 inputs are read as float32: no merge maths is defined on 8-bit floats.
+UPCAST = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass
@@ -47,6 +62,10 @@ class MergeJob:
     nan_policy: str = "error"
     progress: bool | None = None  # None: show when writing to a terminal
     template: Path | None = None  # pipeline folder to copy configs from when writing --format diffusers
+    inputs: list[Path] = field(default_factory=list)  # other files the command read (merged model, recipe, ...)
+    overwrite: bool = False  # replace an existing, non-empty output folder that holds a model
+    overflow: str = "error"  # a tensor that is not finite after its cast: "error", or "clamp" to the dtype's range
+    expected_hashes: list[str] | None = None  # replay: SHA-256 of each model, verified while it is read
 
 
 @dataclass
@@ -67,7 +86,8 @@ class Module:
 
 
 def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
-    """Run a merge. `side_files` are extra writers (with commit/abort) committed only if the merge succeeds."""
+    """Run a merge. `side_files` are extra writers (with `path`, `finish()` giving staged files, `abort()`),
+    published together with the output only if the merge succeeds."""
     try:
         return _run_merge(job, side_files or [])
     except BaseException:
@@ -79,16 +99,22 @@ def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
 def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
     if job.nan_policy not in NAN_POLICIES:
         raise RecipeError(f"nan policy must be one of {NAN_POLICIES}")
-    check_output_path(job.output, job.models)
+    if job.overflow not in OVERFLOW_POLICIES:
+        raise RecipeError(f"overflow policy must be one of {OVERFLOW_POLICIES}")
+    if job.dtype is not None and job.dtype not in DTYPES:
+        raise RecipeError(f"output dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
+    check_overlap([job.output, *(side.path for side in side_files)], [*job.models, *job.inputs])
     needed = max((m.min_models for m in job.methods.values()), default=1)
     if len(job.models) < needed:
         raise RecipeError(f"this merge needs at least {needed} models, got {len(job.models)}")
     start = time.perf_counter()
+    verify = job.expected_hashes is not None
     with contextlib.ExitStack() as stack:
-        models = [stack.enter_context(open_checkpoint(p)) for p in job.models]
+        models = [stack.enter_context(open_checkpoint(p, hash_content=verify)) for p in job.models]
         base = models[0]
         methods = {c: job.methods.get(c, CopyBase()) for c in (*COMPONENTS, "extra")}
         fmt = job.output_format or base.layout
+        check_output_target(fmt, job.output, job.overwrite)
         validate_models(models, methods, components_written(fmt))
         for method in {id(m): m for m in methods.values()}.values():
             if hasattr(method, "prepare"):
@@ -97,27 +123,27 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         out_dtype = DTYPES[dtype_name]
         modules = group_modules(base, components_written(fmt))
         entries = [
-            (
-                key,
-                out_dtype if base.ref(key).dtype.is_floating_point else base.ref(key).dtype,
-                base.ref(key).shape,
-            )
+            (key, out_dtype if _is_float(base.ref(key).dtype) else base.ref(key).dtype, base.ref(key).shape)
             for module in modules
             for key in module.keys.values()
         ]
         plan = plan_output(fmt, job.output, entries, base, job.template)
+        check_free_space(job.output, output_size(plan, job.metadata))
         skipped: list[str] = []
         if sum(_size(m.path) for m in models) > LARGE_MERGE_BYTES:
             _return_freed_memory_to_the_system()
         with CheckpointWriter(plan, job.metadata) as writer:
+            fault_point("staged")
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
-            behind = _WriteBehind(writer, out_dtype)
+            behind = _WriteBehind(writer, out_dtype, job.overflow, job.output)
             try:
-                for read in _prefetch(_read_modules(models, methods, modules)):
+                for done, read in enumerate(_prefetch(_read_modules(models, methods, modules))):
                     merged = _merge_module(read, models, methods[read.module.component], job.nan_policy, skipped)
                     for suffix, key in read.module.keys.items():
                         behind.put(key, merged[suffix])
                     bar.update(len(read.module.keys))
+                    if done == len(modules) // 2:
+                        fault_point("merging")
             except BaseException:
                 behind.close(reraise=False)
                 raise
@@ -126,9 +152,13 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
             behind.close()
             for method in {id(m): m for m in methods.values()}.values():
                 method.finish()
-            for side in side_files:
-                side.commit()
-            writer.commit()
+            if verify:
+                verify_inputs(models, job.expected_hashes)
+            # Side files (statistics) first: if the model's rename fails, publish takes them back too.
+            staged = [item for side in side_files for item in side.finish()]
+            staged += writer.finish()
+            fault_point("publish")
+            publish(staged)
     if skipped:
         log.warning(
             "%d modules had NaN/Inf in a model and were copied from the base: %s",
@@ -138,14 +168,53 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
     return MergeReport(job.output, fmt, dtype_name, len(entries), time.perf_counter() - start, skipped)
 
 
+def check_overlap(outputs: list[Path], inputs: list[Path]) -> None:
+    """No output may be, contain or sit inside anything the command reads (a hard link counts as the same
+    file): writing it would destroy an input, or read a half-written one."""
+    for output in outputs:
+        out = Path(output).resolve()
+        for path in inputs:
+            src = Path(path).resolve()
+            if out == src or _same_file(out, src):
+                raise CheckpointError(f"output path is the same as an input ({path}); choose another output", output)
+            if src.is_relative_to(out) or out.is_relative_to(src):
+                raise CheckpointError(f"output path overlaps the input {path}", output)
+
+
 def check_output_path(output: Path, inputs: list[Path]) -> None:
-    out = Path(output).resolve()
-    for path in inputs:
-        src = Path(path).resolve()
-        if out == src:
-            raise CheckpointError("output path is the same as an input; choose another output", output)
-        if src.is_relative_to(out) or (Path(path).is_dir() and out.is_relative_to(src)):
-            raise CheckpointError(f"output path overlaps the input {path}", output)
+    check_overlap([output], inputs)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def check_free_space(output: Path, needed: int) -> None:
+    """Fail before writing when the output's folder cannot hold it (staging needs the full size there)."""
+    folder = Path(output).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise CheckpointError(
+            f"not enough free space: the output needs {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+            folder,
+        )
+
+
+def verify_inputs(models: list[Checkpoint], expected: list[str]) -> None:
+    """Replay: each model's SHA-256, hashed from the bytes the merge read, must be the recipe's."""
+    for model, digest in zip(models, expected, strict=True):
+        if digest and model.content_hash() != digest:
+            raise CheckpointError(
+                f"recipe input has changed: its content's SHA-256 is not the recorded {digest[:12]}...", model.path
+            )
 
 
 def validate_models(models: list[Checkpoint], methods: dict[str, MergeMethod], written: tuple[str, ...]) -> None:
@@ -179,6 +248,22 @@ def validate_models(models: list[Checkpoint], methods: dict[str, MergeMethod], w
                 a, b = base.ref(key).shape, other.ref(key).shape
                 if a != b:
                     raise CheckpointError(f"shape {list(b)} differs from the base's {list(a)}", other.path, key)
+                kinds = base.ref(key).dtype, other.ref(key).dtype
+                if _is_float(kinds[0]) != _is_float(kinds[1]):
+                    raise CheckpointError(
+                        f"dtype {_dtype_label(kinds[1])} where the base {base.path} stores {_dtype_label(kinds[0])}: "
+                        "integer and float tensors are never averaged together",
+                        other.source_file(key),
+                        key,
+                    )
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def group_modules(base: Checkpoint, components: tuple[str, ...]) -> list[Module]:
@@ -206,12 +291,16 @@ def _read_modules(models, methods, modules) -> Iterator[ReadModule]:
         tensors = {}
         for suffix, key in module.keys.items():
             if models[0].ref(key).dtype.is_floating_point:
-                tensors[suffix] = [model.read(key) for model in readers]
+                tensors[suffix] = [_upcast(model.read(key)) for model in readers]
             else:
                 tensors[suffix] = [models[0].read(key)]  # ids, counters: copied, never averaged
         # Methods that always pass NaN/Inf through get their output checked instead (see _merge_module).
         non_finite = [] if method.propagates_non_finite else _non_finite_inputs(tensors)
         yield ReadModule(module, tensors, non_finite)
+
+
+def _upcast(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in UPCAST else tensor
 
 
 def _non_finite_inputs(tensors: dict[str, list[torch.Tensor]]) -> list[tuple[int, str]]:
@@ -264,10 +353,14 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
 
 
 class _WriteBehind:
-    """Casts and writes tensors on a background thread, so output I/O overlaps the merge maths."""
+    """Casts and writes tensors on a background thread, so output I/O overlaps the merge maths.
 
-    def __init__(self, writer: CheckpointWriter, dtype: torch.dtype, depth: int = 2):
-        self._writer, self._dtype = writer, dtype
+    Every cast result is checked for NaN/Inf: a finite fp32 value beyond fp16's range (65504) becomes Inf,
+    and a method can produce non-finite values from finite inputs. `overflow="clamp"` saturates overflowing
+    values to the dtype's largest finite value instead of failing; NaN always fails."""
+
+    def __init__(self, writer: CheckpointWriter, dtype: torch.dtype, overflow: str, output: Path, depth: int = 2):
+        self._writer, self._dtype, self._overflow, self._output = writer, dtype, overflow, output
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -278,9 +371,28 @@ class _WriteBehind:
             if self._error is None:
                 key, tensor = item
                 try:
-                    self._writer.write(key, tensor.to(self._dtype) if tensor.is_floating_point() else tensor)
+                    self._writer.write(key, self._cast(key, tensor))
                 except BaseException as err:
                     self._error = err
+
+    def _cast(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_floating_point():
+            return tensor
+        out = tensor.to(self._dtype)
+        if _all_finite(out):
+            return out
+        if torch.isnan(out).any():
+            raise CheckpointError("the merged tensor holds NaN; nothing was written", self._output, key)
+        if self._overflow == "clamp" and torch.isfinite(tensor).all():
+            limit = torch.finfo(self._dtype).max
+            return tensor.clamp(-limit, limit).to(self._dtype)
+        beyond = "" if not torch.isfinite(tensor).all() else f" (values beyond ±{torch.finfo(self._dtype).max:.4g})"
+        raise CheckpointError(
+            f"the merged tensor holds Inf after the cast to {_dtype_label(self._dtype)}{beyond}; "
+            "use a wider --dtype, or --overflow clamp to saturate",
+            self._output,
+            key,
+        )
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if self._error is not None:

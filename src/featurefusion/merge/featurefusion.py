@@ -112,9 +112,9 @@ class StatisticsSidecar:
     def layers(self) -> list[str]:
         return [key.removesuffix("::shape") for key in self._reader.keys() if key.endswith("::shape")]
 
-    def commit(self) -> None:
-        if self._writer:
-            self._writer.commit()
+    def finish(self) -> list:
+        """The staged statistics file, published together with the model (`io.atomic.publish`)."""
+        return self._writer.finish() if self._writer else []
 
     def abort(self) -> None:
         if self._writer:

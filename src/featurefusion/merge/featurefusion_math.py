@@ -47,6 +47,10 @@ SAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16":
 DEGENERATE_ROW_SUM = 1e-6
 
 
+# Sampled features take samples x (N * n) floats per layer: beyond this no machine has the memory.
+MAX_SAMPLES = 1 << 20
+
+
 @dataclass(frozen=True)
 class FeatureFusionOptions:
     mode: str = option("exact", "exact: closed-form statistics; sampled: the paper's random inputs", choices=MODES)
@@ -70,7 +74,7 @@ class FeatureFusionOptions:
             (self.slope in SLOPES, f"slope must be one of {SLOPES}"),
             (self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}"),
             (0.0 <= self.threshold <= 1.0, "threshold must lie in [0, 1]"),
-            (self.samples >= 2, "samples must be at least 2"),
+            (2 <= self.samples <= MAX_SAMPLES, f"samples must lie in [2, {MAX_SAMPLES}]"),
             (self.sample_dtype in SAMPLE_DTYPES, f"sample_dtype must be one of {tuple(SAMPLE_DTYPES)}"),
             (self.chunk_rows >= 1, "chunk_rows must be positive"),
         ]

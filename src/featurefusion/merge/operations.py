@@ -4,7 +4,9 @@ and replay a recipe. Each builds a `MergeJob` and a `Recipe`; the engine does th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featurefusion.errors import CheckpointError, RecipeError
@@ -18,14 +20,31 @@ from featurefusion.merge.methods.soup import members as soup_members
 from featurefusion.merge.registry import COMPONENT_RULES, BuildContext, Built
 from featurefusion.merge.soup import add_weights
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class OutputOptions:
+    """How the output is written. `None` fields take their defaults: the base's layout and dtype for a merge;
+    what the recipe recorded for `add` and `remove`; "error" for the policies."""
+
     format: str | None = None
     dtype: str | None = None
-    nan_policy: str = "error"
+    nan_policy: str | None = None
     progress: bool | None = None
     template: Path | None = None
+    overwrite: bool = False  # replace an existing output folder that holds a model
+    overflow: str | None = None  # a cast that overflows the output dtype: "error" or "clamp"
+
+    def defaults_from(self, recipe: Recipe | None) -> OutputOptions:
+        """Unset fields from `recipe` (what the merged model was written with), else the global defaults."""
+        return replace(
+            self,
+            format=self.format or (recipe.format if recipe else None),
+            dtype=self.dtype or (recipe.dtype if recipe else None),
+            nan_policy=self.nan_policy or (recipe.nan_policy if recipe else "error"),
+            overflow=self.overflow or (recipe.overflow if recipe else "error"),
+        )
 
 
 def statistics_path(output: Path) -> Path:
@@ -53,39 +72,44 @@ def merge(
     options (`merge(models, out, "soup", weights=[2, 1, 1])`, `merge(models, out, "ties", density=0.3)`).
     """
     models = [Path(m) for m in models]
-    out = out or OutputOptions()
+    out = (out or OutputOptions()).defaults_from(None)
     plugin = registry.get(method)
     chosen = plugin.make_options(options, **option_values)
     if len(models) < 2:
         raise RecipeError(f"a merge needs at least two models, got {len(models)}")
     components = {"unet": "merge", "text_encoder": _rule(text_encoder), "vae": _rule(vae)}
-    refs = [ModelRef(str(m), model_hash(m)) for m in models]
-    recipe = Recipe(
-        "merge",
-        plugin.name,
-        refs,
-        plugin.recipe_options(chosen, refs),
-        components,
-        out.format,
-        out.dtype,
-        out.nan_policy,
-    )
+    refs = [ModelRef.of(m, output) for m in models]
+    warn_duplicates(models, refs)
+    recorded = plugin.recipe_options(chosen, refs)
+    if not save_statistics and plugin.name == "featurefusion":
+        # `remove` must know this merge has no statistics, not find those of another merge at that path.
+        recorded["keep_statistics"] = False
+    recipe = _recipe("merge", plugin.name, refs, recorded, components, out)
     built = plugin.build(recipe, BuildContext(output=Path(output), save_statistics=save_statistics))
     return _run(models, output, built, recipe, out)
 
 
+def warn_duplicates(models: list[Path], refs: list[ModelRef]) -> None:
+    """The same model twice is legal (it weighs double) but rarely meant."""
+    seen: dict[str, Path] = {}
+    for model, ref in zip(models, refs, strict=True):
+        if ref.sha256 in seen:
+            log.warning(
+                "%s and %s are the same model (equal SHA-256): it enters the merge twice", seen[ref.sha256], model
+            )
+        seen.setdefault(ref.sha256, model)
+
+
+def _recipe(operation, method, refs, options, components, out: OutputOptions) -> Recipe:
+    return Recipe(
+        operation, method, refs, options, components, out.format, out.dtype, out.nan_policy, overflow=out.overflow
+    )
+
+
 def convert(model: Path, output: Path, out: OutputOptions) -> MergeReport:
     """Rewrite one model in another layout or dtype (every tensor copied, none merged)."""
-    recipe = Recipe(
-        "merge",
-        "copy",
-        [ModelRef(str(model), model_hash(model))],
-        {},
-        {c: "base" for c in COMPONENTS},
-        out.format,
-        out.dtype,
-        out.nan_policy,
-    )
+    out = out.defaults_from(None)
+    recipe = _recipe("merge", "copy", [ModelRef.of(model, output)], {}, {c: "base" for c in COMPONENTS}, out)
     return _run([Path(model)], output, Built({}), recipe, out)
 
 
@@ -96,10 +120,12 @@ def soup_add(
     parent = _recipe_of_model(soup)
     if parent.method != "soup":
         raise RecipeError(f"{soup} is a {parent.method} merge, not a soup; models can only be added to soups")
-    members = parent.options["members"]
+    members = _members(parent, soup)
     beta = 1.0 / (len(members) + 1) if weight is None else float(weight)
     keep, new = add_weights(beta)
-    ref = ModelRef(str(model), model_hash(model))
+    ref = ModelRef.of(model, output)
+    if any(m.get("sha256") == ref.sha256 for m in members):
+        log.warning("%s is already a member of the soup %s: it will count twice", model, soup)
     new_members = [{**m, "weight": m["weight"] * keep} for m in members] + soup_members([ref], [new])
     return _update_soup(soup, ref, output, parent, "soup-add", new_members, {"weight": beta}, out)
 
@@ -122,9 +148,9 @@ def remove(
 def soup_remove(soup: Path, model: Path, output: Path, out: OutputOptions | None = None) -> MergeReport:
     """theta' = (theta - alpha_j theta_j) / (1 - alpha_j), with alpha_j read from the soup's recipe."""
     parent = _recipe_of_model(soup)
-    members = parent.options["members"]
-    ref = ModelRef(str(model), model_hash(model))
-    index = next((i for i, m in enumerate(members) if m["sha256"] == ref.sha256), None)
+    members = _members(parent, soup)
+    ref = ModelRef.of(model, output)
+    index = next((i for i, m in enumerate(members) if m.get("sha256") == ref.sha256), None)
     if index is None:
         raise CheckpointError(f"this model is not a member of the soup {soup} (no member has its SHA-256)", model)
     alpha = members[index]["weight"]
@@ -132,15 +158,19 @@ def soup_remove(soup: Path, model: Path, output: Path, out: OutputOptions | None
     return _update_soup(soup, ref, output, parent, "soup-remove", rest, {"alpha": alpha}, out)
 
 
+def _members(recipe: Recipe, path: Path) -> list[dict]:
+    members = recipe.options.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, dict) and "weight" in m for m in members):
+        raise CheckpointError("corrupt soup recipe: its members (with weights) are missing", path)
+    return members
+
+
 def _update_soup(soup, ref: ModelRef, output, parent: Recipe, operation, members, extra, out):
-    out = out or OutputOptions(format=parent.format, dtype=parent.dtype, nan_policy=parent.nan_policy)
-    refs = [ModelRef(str(soup), model_hash(soup)), ref]
-    recipe = Recipe(
-        operation, "soup", refs, {**extra, "members": members}, parent.components, out.format, out.dtype,
-        out.nan_policy,
-    )  # fmt: skip
+    out = (out or OutputOptions()).defaults_from(parent)
+    refs = [ModelRef.of(soup, output), ref]
+    recipe = _recipe(operation, "soup", refs, {**extra, "members": members}, parent.components, out)
     built = registry.get("soup").build(recipe, BuildContext(output=Path(output)))
-    return _run([Path(soup), Path(ref.path)], output, built, recipe, out)
+    return _run([Path(soup), Path(ref.absolute)], output, built, recipe, out)
 
 
 def unlearn(
@@ -163,6 +193,10 @@ def unlearn(
     index = _member_index(recipe, model, merged)
     if index == 0:
         raise RecipeError("the base model (the first model of the merge) cannot be removed")
+    if recipe.options.get("keep_statistics") is False and statistics is None:
+        raise RecipeError(
+            f"{merged} was merged with --no-statistics, so it cannot be unmerged; merge again with statistics"
+        )
     remaining_refs = [r for i, r in enumerate(recipe.models) if i != index]
     if models is not None:
         if len(models) != len(remaining_refs):
@@ -174,42 +208,77 @@ def unlearn(
     else:
         remaining = [resolve_model(r, Path(merged).parent) for r in remaining_refs]
     stats_file = Path(statistics) if statistics else statistics_path(Path(merged))
-    recorded = StatisticsSidecar.open(stats_file)
-    try:
-        options = FeatureFusionOptions(**recorded.options)
-        if recorded.model_hashes != [r.sha256 for r in recipe.models]:
-            raise CheckpointError(f"statistics file does not belong to the merge {merged}", stats_file)
-    finally:
-        recorded.close()
-    out = out or OutputOptions(format=recipe.format, dtype=recipe.dtype, nan_policy=recipe.nan_policy)
+    options = registry.get("featurefusion").options_of(recipe)
+    check_statistics(stats_file, recipe, options, merged)
+    out = (out or OutputOptions()).defaults_from(recipe)
     removed = recipe.models[index]
+    stats_ref = ModelRef.of(stats_file, output)
     recorded_options = {
         **options.as_dict(),
-        "removed": {"path": removed.path, "sha256": removed.sha256},
-        "statistics": {"path": str(stats_file), "sha256": model_hash(stats_file), "dropped_index": index},
+        "removed": removed.to_dict(),
+        "statistics": {**stats_ref.to_dict(), "dropped_index": index},
     }
-    new_recipe = Recipe(
-        "unlearn",
-        "featurefusion",
-        remaining_refs,
-        recorded_options,
-        recipe.components,
-        out.format,
-        out.dtype,
-        out.nan_policy,
-    )
+    new_refs = [
+        ModelRef(ModelRef.of(p, output).path, r.sha256, str(p.resolve()))
+        for r, p in zip(remaining_refs, remaining, strict=True)
+    ]
+    new_recipe = _recipe("unlearn", "featurefusion", new_refs, recorded_options, recipe.components, out)
     built = registry.get("featurefusion").build(new_recipe, BuildContext(output=Path(output)))
+    built.inputs += [Path(merged), stats_file]
     return _run(remaining, output, built, new_recipe, out)
 
 
-def replay(recipe: Recipe, output: Path, recipe_dir: Path | None = None, progress: bool | None = None) -> MergeReport:
-    """Run a recipe again. With unchanged inputs the output is bit-identical to the original."""
+def check_statistics(stats_file: Path, recipe: Recipe, options: FeatureFusionOptions, merged: Path) -> None:
+    """The statistics must be those of this merge: the same models (by SHA-256) and the same options. A file
+    of another merge at the same path (an older merge with other options, say) is refused, never used."""
+    recorded = StatisticsSidecar.open(stats_file)
+    try:
+        try:
+            stored_options, stored_models = recorded.options, recorded.model_hashes
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"corrupt statistics metadata ({err!r})", stats_file) from None
+        if stored_models != [r.sha256 for r in recipe.models]:
+            raise CheckpointError(f"statistics file does not belong to the merge {merged} (other models)", stats_file)
+        if json.dumps(stored_options, sort_keys=True) != json.dumps(options.as_dict(), sort_keys=True):
+            differ = sorted(k for k in options.as_dict() if stored_options.get(k) != options.as_dict()[k])
+            raise CheckpointError(
+                f"statistics file does not belong to the merge {merged}: it was made with other options "
+                f"({', '.join(differ) or 'unknown'})",
+                stats_file,
+            )
+    finally:
+        recorded.close()
+
+
+def replay(
+    recipe: Recipe,
+    output: Path,
+    recipe_dir: Path | None = None,
+    progress: bool | None = None,
+    *,
+    recipe_file: Path | None = None,
+    overwrite: bool = False,
+) -> MergeReport:
+    """Run a recipe again. With unchanged inputs the output is bit-identical to the original. Every input is
+    verified by the SHA-256 of its content, hashed while the merge reads it; a mismatch publishes nothing."""
     built = Built({}) if recipe.method == "copy" else None
     plugin = None if built else registry.get(recipe.method)  # an unknown method is an error, never a default
-    paths = [resolve_model(r, recipe_dir) for r in recipe.models]
-    out = OutputOptions(recipe.format, recipe.dtype, recipe.nan_policy, progress)
-    built = built or plugin.build(recipe, BuildContext(output=Path(output), recipe_dir=recipe_dir))
-    return _run(paths, output, built, recipe, out)
+    if plugin is not None and recipe.operation not in plugin.operations:
+        raise RecipeError(f"a {recipe.method} recipe cannot have the operation {recipe.operation!r}")
+    if not all(r.sha256 for r in recipe.models):
+        log.warning("the recipe records no SHA-256 for some inputs: they cannot be verified")
+    paths = [resolve_model(r, recipe_dir, verify=False) for r in recipe.models]
+    out = OutputOptions(recipe.format, recipe.dtype, recipe.nan_policy, progress, overwrite=overwrite)
+    out = replace(out, overflow=recipe.overflow)
+    if built is None:
+        try:
+            built = plugin.build(recipe, BuildContext(output=Path(output), recipe_dir=recipe_dir))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise RecipeError(f"recipe options do not fit {recipe.method}: {err!r}") from None
+    if recipe_file is not None:
+        built.inputs.append(Path(recipe_file))
+    hashes = [r.sha256 for r in recipe.models]
+    return _run(paths, output, built, recipe, out, expected_hashes=hashes)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
@@ -219,7 +288,8 @@ def _rule(rule: str) -> str:
     return rule
 
 
-def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions) -> MergeReport:
+def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions, expected_hashes=None) -> MergeReport:
+    out = out.defaults_from(None)
     job = MergeJob(
         models=list(models),
         output=Path(output),
@@ -230,6 +300,10 @@ def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions) -> Me
         nan_policy=out.nan_policy,
         progress=out.progress,
         template=out.template,
+        inputs=list(built.inputs),
+        overwrite=out.overwrite,
+        overflow=out.overflow,
+        expected_hashes=expected_hashes,
     )
     try:
         return run_merge(job, side_files=built.side_files)
@@ -248,6 +322,9 @@ def _member_index(recipe: Recipe, model: str | Path, merged: Path) -> int:
         return int(text)
     for i, ref in enumerate(recipe.models):
         if ref.path == text:
+            return i
+    for i, ref in enumerate(recipe.models):
+        if ref.absolute and ref.absolute == str(Path(text).resolve()):
             return i
     if Path(text).exists():
         digest = model_hash(Path(text))

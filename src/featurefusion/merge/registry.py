@@ -63,6 +63,7 @@ class Built:
     methods: dict[str, MergeMethod]
     side_files: list = field(default_factory=list)
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    inputs: list[Path] = field(default_factory=list)  # files read besides the models (no output may be one)
 
     def close(self) -> None:
         for close in self.cleanup:

@@ -8,6 +8,8 @@ All three are weighted sums of (soup, model) tensors; removal just has a negativ
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from featurefusion.errors import RecipeError
@@ -46,9 +48,11 @@ def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
         return [1.0 / count] * count
     if len(weights) != count:
         raise RecipeError(f"{len(weights)} soup weights given for {count} models")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise RecipeError(f"soup weights must be non-negative with a positive sum, got {weights}")
-    total = sum(weights)
+    weights = [float(w) for w in weights]
+    total = math.fsum(weights) if all(math.isfinite(w) for w in weights) else math.nan
+    # 1e308 + 1e308 overflows to Inf, and w / Inf = 0 would write an all-zero model.
+    if not math.isfinite(total) or any(w < 0 for w in weights) or total <= 0:
+        raise RecipeError(f"soup weights must be finite and non-negative, with a finite positive sum; got {weights}")
     return [w / total for w in weights]
 
 

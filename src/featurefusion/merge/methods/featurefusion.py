@@ -39,7 +39,8 @@ class FeatureFusionMethod(MergeMethodPlugin):
         options = self.options_of(recipe)
         built = Built({})
         sidecar = None
-        if context.save_statistics and context.output is not None:
+        save = context.save_statistics and recipe.options.get("keep_statistics", True) is not False
+        if save and context.output is not None:
             hashes = [r.sha256 for r in recipe.models]
             sidecar = StatisticsSidecar.create(statistics_path(context.output), options, hashes)
             built.side_files.append(sidecar)
@@ -47,8 +48,11 @@ class FeatureFusionMethod(MergeMethodPlugin):
             method = FeatureFusion(options, record=sidecar)
         else:
             stats = recipe.options["statistics"]
-            replay = StatisticsSidecar.open(resolve_model(ModelRef(stats["path"], stats["sha256"]), context.recipe_dir))
+            ref = ModelRef(stats["path"], stats["sha256"], stats.get("absolute", ""))
+            path = resolve_model(ref, context.recipe_dir)
+            replay = StatisticsSidecar.open(path)
             built.cleanup.append(replay.close)
+            built.inputs.append(path)
             method = FeatureFusion(options, record=sidecar, replay=replay, dropped_model=stats["dropped_index"])
         count = len(recipe.models)
         built.methods = per_component(recipe.components, method, WeightedSum([1.0 / count] * count))
