@@ -76,7 +76,8 @@ def test_shard_finetune_merge_evaluate_and_greedy_soup(tiny, tiny_clip, tmp_path
     with open_checkpoint(greedy) as ckpt:
         recipe = recipe_of(ckpt.metadata, greedy)
     members = {m["path"] for m in recipe.options.get("members", [])} or {r.path for r in recipe.models}
-    assert members <= {str(m) for m in models}
+    # recipe paths are relative to the merged file
+    assert {(greedy.parent / p).resolve() for p in members} <= {Path(m).resolve() for m in models}
     assert not list(tmp_path.glob(".*candidate*"))
 
     # `featurefusion search`: a small grid scored by CLIP on the tasks' prompts; the winner is written.

@@ -106,9 +106,14 @@ def test_featurefusion_unlearning_equals_a_merge_without_the_model(tiny, tmp_pat
     assert_close(unet(unlearned), unet(direct), atol=1e-5)
     assert_close(component(unlearned, "text_encoder"), component(direct, "text_encoder"), atol=1e-6)
     recipe = Recipe.from_dict(__import__("json").loads(open_checkpoint(unlearned).metadata["featurefusion.recipe"]))
-    assert recipe.operation == "unlearn" and [m.path for m in recipe.models] == [
-        str(tiny.base),
-        str(tiny.specialists[1]),
+    # paths are relative to the merged file, with the absolute path as the fallback
+    assert recipe.operation == "unlearn" and [m.absolute for m in recipe.models] == [
+        str(tiny.base.resolve()),
+        str(tiny.specialists[1].resolve()),
+    ]
+    assert [(unlearned.parent / m.path).resolve() for m in recipe.models] == [
+        tiny.base.resolve(),
+        tiny.specialists[1].resolve(),
     ]
 
 

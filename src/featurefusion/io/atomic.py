@@ -204,12 +204,7 @@ def publish(items: list) -> None:
     except BaseException:
         for target, old, is_dir in reversed(done):
             with contextlib.suppress(OSError):
-                if is_dir and target.exists() and old is not None:
-                    shutil.rmtree(target) if not target.is_symlink() else target.unlink()
-                if old is not None:
-                    os.replace(old, target)
-                elif target.exists():
-                    shutil.rmtree(target) if is_dir else target.unlink()
+                _restore(target, old, is_dir)
         for item in items:
             item.abort()
         raise
@@ -218,6 +213,21 @@ def publish(items: list) -> None:
             shutil.rmtree(old, ignore_errors=True) if is_dir else old.unlink(missing_ok=True)
     for folder in {item.target.parent for item in items}:
         _fsync_folder(folder)
+
+
+def _restore(target: Path, old: Path | None, is_dir: bool) -> None:
+    """Undo one step of `publish`: put the kept old version back, or remove what was published."""
+    if old is None:
+        if target.exists():
+            shutil.rmtree(target) if is_dir else target.unlink()
+    elif is_dir:
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(old, target)
+    elif target.exists() and os.path.samefile(target, old):
+        old.unlink()  # the rename never happened; rename(2) between two links of one file would do nothing
+    else:
+        os.replace(old, target)
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -386,7 +386,7 @@ class _WriteBehind:
         if self._overflow == "clamp" and torch.isfinite(tensor).all():
             limit = torch.finfo(self._dtype).max
             return tensor.clamp(-limit, limit).to(self._dtype)
-        beyond = "" if not torch.isfinite(tensor).all() else f" (values beyond ±{torch.finfo(self._dtype).max:.4g})"
+        beyond = "" if not torch.isfinite(tensor).all() else f" (values beyond ±{torch.finfo(self._dtype).max:.6g})"
         raise CheckpointError(
             f"the merged tensor holds Inf after the cast to {_dtype_label(self._dtype)}{beyond}; "
             "use a wider --dtype, or --overflow clamp to saturate",

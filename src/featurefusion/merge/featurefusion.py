@@ -106,6 +106,9 @@ class StatisticsSidecar:
             sigma = r.read(f"{layer}::sigma")
         except CheckpointError as err:
             raise CheckpointError("statistics missing for a layer of the merge", r.path, layer) from err
+        except (IndexError, RuntimeError, ValueError, TypeError) as err:
+            # indices out of range, shapes that do not fit: a damaged file, never a crash
+            raise CheckpointError(f"corrupt statistics ({err})", r.path, layer) from None
         column_l1 = r.read(f"{layer}::column_l1") if f"{layer}::column_l1" in r else None
         return LayerStatistics(sigma=sigma, correlation=correlation, column_l1=column_l1)
 

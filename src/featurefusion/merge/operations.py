@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class OutputOptions:
 def statistics_path(output: Path) -> Path:
     """Where the FeatureFusion statistics of a merged model live: beside it."""
     output = Path(output)
+    if not output.name:  # "." or "..": name it by the folder it means
+        output = Path(os.path.abspath(output))
     stem = output.stem if output.suffix == ".safetensors" else output.name
     return output.with_name(f"{stem}.ffstats.safetensors")
 

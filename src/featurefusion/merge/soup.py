@@ -49,7 +49,10 @@ def normalised_weights(weights: list[float] | None, count: int) -> list[float]:
     if len(weights) != count:
         raise RecipeError(f"{len(weights)} soup weights given for {count} models")
     weights = [float(w) for w in weights]
-    total = math.fsum(weights) if all(math.isfinite(w) for w in weights) else math.nan
+    try:
+        total = math.fsum(weights) if all(math.isfinite(w) for w in weights) else math.nan
+    except OverflowError:
+        total = math.inf
     # 1e308 + 1e308 overflows to Inf, and w / Inf = 0 would write an all-zero model.
     if not math.isfinite(total) or any(w < 0 for w in weights) or total <= 0:
         raise RecipeError(f"soup weights must be finite and non-negative, with a finite positive sum; got {weights}")
