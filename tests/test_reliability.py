@@ -20,7 +20,8 @@ from featurefusion.merge.operations import statistics_path
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "src" / "featurefusion" / "toyworld" / "checkpoints"
 BASE = CHECKPOINTS / "base"
-ROUND, DARK, STRIPED = (CHECKPOINTS / "specialists" / f"{n}.safetensors" for n in ("objects-round", "style-dark", "style-striped"))  # fmt: skip
+SPECIALISTS = CHECKPOINTS / "specialists"
+ROUND, DARK, STRIPED = (SPECIALISTS / f"{n}.safetensors" for n in ("objects-round", "style-dark", "style-striped"))
 KEY = "conv_in.weight"
 
 
@@ -107,7 +108,8 @@ def test_04_statistics_of_another_merge_are_refused(tmp_path, capsys):
     assert run(["merge", ROUND, DARK, STRIPED, "-o", merged, "--no-statistics"], capsys)[0] == 0
     fails(["remove", merged, "2", "-o", tmp_path / "r.safetensors"], capsys, "--no-statistics")
     # the same with statistics given by hand, or a default merge whose statistics file is the 0.2 one
-    fails(["remove", merged, "2", "-o", tmp_path / "r.safetensors", "--statistics", statistics_path(merged)], capsys, "threshold")  # fmt: skip
+    argv = ["remove", merged, "2", "-o", tmp_path / "r.safetensors", "--statistics", statistics_path(merged)]
+    fails(argv, capsys, "threshold")
     other = tmp_path / "other.safetensors"
     assert run(["merge", ROUND, DARK, STRIPED, "-o", other], capsys)[0] == 0
     shutil.copy(statistics_path(merged), statistics_path(other))
@@ -180,9 +182,7 @@ def _shift(header, key, by):
 def test_06_corrupt_headers(tmp_path, capsys, corruption, message):
     header, data = header_of(DARK)
     first = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    second = min(
-        (k for k in header if k not in ("__metadata__", first)), key=lambda k: header[k]["data_offsets"][0]
-    )
+    second = min((k for k in header if k not in ("__metadata__", first)), key=lambda k: header[k]["data_offsets"][0])
     text = None
     if corruption == "negative":
         size = header[first]["data_offsets"][1]
@@ -261,7 +261,10 @@ def test_09_float_stored_as_integer_is_refused(tmp_path, capsys):
 
 
 def test_09_float8_inputs_are_upcast(tmp_path, capsys):
-    fp8 = edited(DARK, tmp_path / "fp8.safetensors", lambda s: s.update({k: v.to(torch.float8_e4m3fn) for k, v in s.items()}))  # fmt: skip
+    def edit(state):
+        state.update({k: v.to(torch.float8_e4m3fn) for k, v in state.items()})
+
+    fp8 = edited(DARK, tmp_path / "fp8.safetensors", edit)
     out = tmp_path / "m.safetensors"
     assert run(["merge", ROUND, fp8, "-o", out, "--method", "soup", "--dtype", "fp32"], capsys)[0] == 0
     expected = (load_file(ROUND)[KEY].float() + load_file(fp8)[KEY].float()) / 2
@@ -271,7 +274,8 @@ def test_09_float8_inputs_are_upcast(tmp_path, capsys):
 # ---- 10. soup weights are finite with a finite sum ---------------------------------------------------------
 @pytest.mark.parametrize("weights", [["1e308", "1e308"], ["nan", "1"], ["inf", "1"]])
 def test_10_soup_weights(tmp_path, capsys, weights):
-    fails(["soup", ROUND, DARK, "--weights", *weights, "-o", tmp_path / "s.safetensors"], capsys, "soup weights must be finite")
+    argv = ["soup", ROUND, DARK, "--weights", *weights, "-o", tmp_path / "s.safetensors"]
+    fails(argv, capsys, "soup weights must be finite")
     assert list(tmp_path.iterdir()) == []
 
 

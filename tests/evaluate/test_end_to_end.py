@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from featurefusion.cli import main
 from featurefusion.io.checkpoint import open_checkpoint

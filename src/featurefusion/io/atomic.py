@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import re
 import secrets
 import shutil
 import signal
+import time
 from pathlib import Path
 
 MARK = ".ffpart"
@@ -34,6 +36,9 @@ _STALE = re.compile(r"^\..+(?:\.ffpart-(\d+)-[0-9a-f]+|\.(\d+)\.(?:partial|data|
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 _linkat_works: dict[int, bool] = {}  # st_dev -> whether O_TMPFILE + linkat work there
+# (pid, folder) -> when it was last swept: a folder of thousands of images is not scanned once per image
+_swept: dict[tuple[int, str], float] = {}
+SWEEP_INTERVAL_S = 10.0
 
 
 def staging_name(target: Path) -> Path:
@@ -64,7 +69,11 @@ def _alive(pid: int) -> bool:
 def sweep_stale(folder: Path) -> list[Path]:
     """Remove staging files and folders left in `folder` by processes that no longer run (SIGKILL, power
     loss). A name whose process still runs is kept: it may be another merge writing into the same folder."""
-    removed = []
+    removed: list[Path] = []
+    seen = (os.getpid(), os.path.abspath(folder))
+    if time.monotonic() - _swept.get(seen, -math.inf) < SWEEP_INTERVAL_S:
+        return removed
+    _swept[seen] = time.monotonic()
     try:
         entries = list(os.scandir(folder))
     except OSError:
