@@ -117,6 +117,17 @@ def test_04_statistics_of_another_merge_are_refused(tmp_path, capsys):
     assert not (tmp_path / "r.safetensors").exists()
 
 
+def test_04_statistics_are_tied_to_the_very_model_file(tmp_path, capsys):
+    """Same models, same options, another file (here another dtype): the statistics record their model's
+    SHA-256, so a file left from the earlier merge is refused."""
+    merged = tmp_path / "m.safetensors"
+    assert run(["merge", ROUND, DARK, STRIPED, "-o", merged, "--dtype", "fp16"], capsys)[0] == 0
+    earlier = statistics_path(merged).read_bytes()
+    assert run(["merge", ROUND, DARK, STRIPED, "-o", merged, "--dtype", "fp32"], capsys)[0] == 0
+    statistics_path(merged).write_bytes(earlier)
+    fails(["remove", merged, "2", "-o", tmp_path / "r.safetensors"], capsys, "another version", str(merged))
+
+
 def test_04_model_and_statistics_are_published_together(tmp_path, monkeypatch):
     """When the model's rename fails, the statistics already renamed are taken back: neither changes."""
     from featurefusion.merge import operations
@@ -329,6 +340,23 @@ def test_14_os_errors_are_one_line(tmp_path, capsys):
     blocker.write_text("x")
     fails(["merge", ROUND, DARK, "-o", blocker / "m.safetensors"], capsys, str(blocker))
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_14_disk_full_while_writing(tmp_path, capsys, monkeypatch):
+    """write(2) fails with ENOSPC and no file name: the error still names the output, and nothing is left."""
+    from featurefusion.io import atomic
+
+    opened = atomic.StagedFile.__init__
+
+    def on_a_full_disk(self, target):
+        opened(self, target)
+        self.file.close()
+        self.file = open("/dev/full", "wb")  # noqa: SIM115 - closed by the staged file
+
+    monkeypatch.setattr(atomic.StagedFile, "__init__", on_a_full_disk)
+    out = tmp_path / "m.safetensors"
+    fails(["merge", ROUND, DARK, "-o", out, "--method", "soup"], capsys, "No space left on device", str(out))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_14_not_enough_free_space(tmp_path, capsys, monkeypatch):

@@ -126,8 +126,20 @@ def _anonymous_supported(folder: Path) -> bool:
     return _linkat_works[dev]
 
 
+@contextlib.contextmanager
+def naming(path: Path):
+    """OSErrors of writes and flushes carry no file name (ENOSPC from write(2)): give them the target's."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+
+
 class StagedFile:
-    """A file written where `target` will be, invisible until published. `file` is a binary file object."""
+    """A file written where `target` will be, invisible until published. `file` is a binary file object;
+    `write` is `file.write` with OSErrors naming the target."""
 
     is_dir = False
 
@@ -144,11 +156,16 @@ class StagedFile:
             fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         self.file = os.fdopen(fd, "wb")
 
+    def write(self, data) -> None:
+        with naming(self.target):
+            self.file.write(data)
+
     def stage(self) -> Path:
         """Flush to disk and give the file its hidden name (if it has none yet); return that name."""
         if not self.file.closed:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            with naming(self.target):
+                self.file.flush()
+                os.fsync(self.file.fileno())
             if self.name is None:
                 name = staging_name(self.target)
                 _link_anonymous(self.file.fileno(), name)
@@ -252,7 +269,7 @@ def _fsync_folder(folder: Path) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     staged = StagedFile(path)
     try:
-        staged.file.write(data)
+        staged.write(data)
     except BaseException:
         staged.abort()
         raise

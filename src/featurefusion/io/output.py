@@ -175,6 +175,10 @@ class CheckpointWriter:
     def commit(self) -> None:
         publish(self.finish())
 
+    def sha256(self) -> str | None:
+        """SHA-256 of a single-file output, hashed as it was written (None for a pipeline folder)."""
+        return None if self._folder is not None else self._writers[""].sha256()
+
     def abort(self) -> None:
         for writer in self._writers.values():
             writer.abort()

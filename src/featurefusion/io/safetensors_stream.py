@@ -6,8 +6,11 @@ shows ~6 GB of RSS. Here each tensor is read with a plain `readinto` into memory
 the peak is bounded by the tensors alive at once.
 
 The writer knows every output key, dtype and shape in advance (a merge never changes shapes), so it can
-write the header first and then stream the data section in order. It writes to a temporary file in the
-output's folder and renames it into place only on `commit()`, so a failed merge leaves nothing behind.
+write the header first and then stream the data section in order. It writes a staged file (`io.atomic`)
+that appears at the output path only when published, so a failed or killed merge leaves nothing behind.
+
+The reader validates the header as the safetensors library does (offsets in range, tensors tiling the data
+section exactly, unique keys, bounded nesting), so no header byte or other tensor's byte is read as weights.
 
 The format (https://github.com/huggingface/safetensors): an 8-byte little-endian header length N, a
 JSON header of N bytes mapping each name to {dtype, shape, data_offsets=[begin, end)} relative to the
@@ -21,7 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
 import stat
 import struct
 import tempfile
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from featurefusion.errors import CheckpointError
-from featurefusion.io.atomic import StagedFile, publish
+from featurefusion.io.atomic import StagedFile, naming, publish
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -311,12 +313,17 @@ class StreamingSafetensorsWriter:
         self._planned = planned
         self._next = 0
         self._staged = StagedFile(self.path)
-        self._file = self._staged.file
+        # The file's SHA-256, from the bytes as they are written: side files record it (no second pass).
+        self._hash = hashlib.sha256()
         try:
-            self._file.write(build_header(planned, metadata))
+            self._write(build_header(planned, metadata))
         except BaseException:
             self._staged.abort()
             raise
+
+    def _write(self, data) -> None:
+        self._hash.update(data)
+        self._staged.write(data)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._planned):
@@ -329,8 +336,12 @@ class StreamingSafetensorsWriter:
             )
         flat = tensor.detach().contiguous().reshape(-1)
         if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+            self._write(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
+
+    def sha256(self) -> str:
+        """SHA-256 of the whole file (once every tensor has been written)."""
+        return self._hash.hexdigest()
 
     def finish(self) -> list[StagedFile]:
         if self._next != len(self._planned):
@@ -384,14 +395,16 @@ class AppendingSafetensorsWriter:
         flat = tensor.detach().contiguous().reshape(-1)
         self._planned.append(PlannedTensor(key, tensor.dtype, tuple(tensor.shape)))
         if flat.numel():
-            self._data.write(memoryview(flat.view(torch.uint8).numpy()))
+            with naming(self.path):
+                self._data.write(memoryview(flat.view(torch.uint8).numpy()))
 
     def finish(self) -> list[StagedFile]:
         try:
             self._staged = StagedFile(self.path)
-            self._staged.file.write(build_header(self._planned, self.metadata))
+            self._staged.write(build_header(self._planned, self.metadata))
             self._data.seek(0)
-            shutil.copyfileobj(self._data, self._staged.file, length=16 * 1024 * 1024)
+            while chunk := self._data.read(16 * 1024 * 1024):
+                self._staged.write(chunk)
         except BaseException:
             self.abort()
             raise

@@ -86,8 +86,8 @@ class Module:
 
 
 def run_merge(job: MergeJob, side_files: list | None = None) -> MergeReport:
-    """Run a merge. `side_files` are extra writers (with `path`, `finish()` giving staged files, `abort()`),
-    published together with the output only if the merge succeeds."""
+    """Run a merge. `side_files` are extra writers (with `path`, `finish(model_sha256)` giving staged files,
+    `abort()`), published together with the output only if the merge succeeds."""
     try:
         return _run_merge(job, side_files or [])
     except BaseException:
@@ -103,7 +103,8 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         raise RecipeError(f"overflow policy must be one of {OVERFLOW_POLICIES}")
     if job.dtype is not None and job.dtype not in DTYPES:
         raise RecipeError(f"output dtype must be one of {', '.join(DTYPES)}, got {job.dtype!r}")
-    check_overlap([job.output, *(side.path for side in side_files)], [*job.models, *job.inputs])
+    read = [*job.models, *job.inputs, *([job.template] if job.template else [])]
+    check_overlap([job.output, *(side.path for side in side_files)], read)
     needed = max((m.min_models for m in job.methods.values()), default=1)
     if len(job.models) < needed:
         raise RecipeError(f"this merge needs at least {needed} models, got {len(job.models)}")
@@ -154,9 +155,10 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
                 method.finish()
             if verify:
                 verify_inputs(models, job.expected_hashes)
-            # Side files (statistics) first: if the model's rename fails, publish takes them back too.
-            staged = [item for side in side_files for item in side.finish()]
-            staged += writer.finish()
+            model = writer.finish()
+            # Side files (statistics) record the model's SHA-256, which ties them to this very file; they are
+            # published first, and if the model's rename then fails, publish takes them back.
+            staged = [item for side in side_files for item in side.finish(writer.sha256())] + model
             fault_point("publish")
             publish(staged)
     if skipped:

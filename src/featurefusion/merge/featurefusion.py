@@ -115,9 +115,19 @@ class StatisticsSidecar:
     def layers(self) -> list[str]:
         return [key.removesuffix("::shape") for key in self._reader.keys() if key.endswith("::shape")]
 
-    def finish(self) -> list:
-        """The staged statistics file, published together with the model (`io.atomic.publish`)."""
-        return self._writer.finish() if self._writer else []
+    def finish(self, model_sha256: str | None = None) -> list:
+        """The staged statistics file, published together with the model (`io.atomic.publish`). It records
+        the SHA-256 of the model it belongs to (single-file outputs), so `remove` can tell it from the
+        statistics of any other merge written to the same path."""
+        if not self._writer:
+            return []
+        if model_sha256:
+            self._writer.metadata["merged_sha256"] = model_sha256
+        return self._writer.finish()
+
+    @property
+    def merged_sha256(self) -> str | None:
+        return self._reader.metadata.get("merged_sha256")
 
     def abort(self) -> None:
         if self._writer:

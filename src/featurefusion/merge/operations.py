@@ -240,6 +240,8 @@ def check_statistics(stats_file: Path, recipe: Recipe, options: FeatureFusionOpt
             stored_options, stored_models = recorded.options, recorded.model_hashes
         except (KeyError, ValueError) as err:
             raise CheckpointError(f"corrupt statistics metadata ({err!r})", stats_file) from None
+        if not isinstance(stored_options, dict) or not isinstance(stored_models, list):
+            raise CheckpointError("corrupt statistics metadata (options or models of the wrong type)", stats_file)
         if stored_models != [r.sha256 for r in recipe.models]:
             raise CheckpointError(f"statistics file does not belong to the merge {merged} (other models)", stats_file)
         if json.dumps(stored_options, sort_keys=True) != json.dumps(options.as_dict(), sort_keys=True):
@@ -248,6 +250,10 @@ def check_statistics(stats_file: Path, recipe: Recipe, options: FeatureFusionOpt
                 f"statistics file does not belong to the merge {merged}: it was made with other options "
                 f"({', '.join(differ) or 'unknown'})",
                 stats_file,
+            )
+        if recorded.merged_sha256 and Path(merged).is_file() and model_hash(merged) != recorded.merged_sha256:
+            raise CheckpointError(
+                f"statistics file belongs to another version of {merged} (it records another SHA-256)", stats_file
             )
     finally:
         recorded.close()
