@@ -338,7 +338,8 @@ def test_14_output_is_a_folder_fails_before_merging(tmp_path, capsys, monkeypatc
 def test_14_os_errors_are_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    fails(["merge", ROUND, DARK, "-o", blocker / "m.safetensors"], capsys, str(blocker))
+    fails(["merge", ROUND, DARK, "-o", blocker / "m.safetensors"], capsys, "not a folder", str(blocker))
+    fails(["merge", ROUND, DARK, "-o", "/proc/m.safetensors"], capsys, "/proc")  # no space, read-only
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 

@@ -105,6 +105,11 @@ def check_output_target(fmt: str, path: Path, overwrite: bool = False) -> None:
     write: a single file goes to a `.safetensors` name that is not a folder; a pipeline folder replaces only
     an empty folder, or with `overwrite` a folder that holds a model."""
     path = Path(path)
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError("cannot write the output: a part of its path is a file, not a folder", parent)
+            break
     if fmt != "diffusers":
         if path.is_dir():
             raise CheckpointError(f"the output is a folder; a {fmt} model is one file: give a file name", path)

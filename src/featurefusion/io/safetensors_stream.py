@@ -387,35 +387,44 @@ class AppendingSafetensorsWriter:
         self.path = Path(path)
         self.metadata = dict(metadata or {})
         self._planned: list[PlannedTensor] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._data = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 - closed by finish()/abort()
+        self._data = None  # created at the first write: nothing touches the disk before the merge runs
         self._staged: StagedFile | None = None
+
+    def _scratch(self):
+        if self._data is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._data = tempfile.TemporaryFile(dir=self.path.parent)  # noqa: SIM115 - closed by finish()/abort()
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(self.path)) from err
+        return self._data
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
         flat = tensor.detach().contiguous().reshape(-1)
         self._planned.append(PlannedTensor(key, tensor.dtype, tuple(tensor.shape)))
         if flat.numel():
             with naming(self.path):
-                self._data.write(memoryview(flat.view(torch.uint8).numpy()))
+                self._scratch().write(memoryview(flat.view(torch.uint8).numpy()))
 
     def finish(self) -> list[StagedFile]:
         try:
             self._staged = StagedFile(self.path)
             self._staged.write(build_header(self._planned, self.metadata))
-            self._data.seek(0)
-            while chunk := self._data.read(16 * 1024 * 1024):
+            data = self._scratch()
+            data.seek(0)
+            while chunk := data.read(16 * 1024 * 1024):
                 self._staged.write(chunk)
         except BaseException:
             self.abort()
             raise
-        self._data.close()
+        data.close()
         return [self._staged]
 
     def commit(self) -> None:
         publish(self.finish())
 
     def abort(self) -> None:
-        if not self._data.closed:
+        if self._data is not None and not self._data.closed:
             self._data.close()
         if self._staged is not None:
             self._staged.abort()
