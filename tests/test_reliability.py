@@ -286,7 +286,13 @@ def test_09_float8_inputs_are_upcast(tmp_path, capsys):
 @pytest.mark.parametrize("weights", [["1e308", "1e308"], ["nan", "1"], ["inf", "1"]])
 def test_10_soup_weights(tmp_path, capsys, weights):
     argv = ["soup", ROUND, DARK, "--weights", *weights, "-o", tmp_path / "s.safetensors"]
-    fails(argv, capsys, "soup weights must be finite")
+    fails(argv, capsys, "soup", "weights", "finite")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", [["--method", "task-arithmetic", "--scale", "nan"], ["--threshold", "inf"]])
+def test_10_number_options_are_finite_for_every_method(tmp_path, capsys, option):
+    fails(["merge", ROUND, DARK, *option, "-o", tmp_path / "m.safetensors"], capsys, "must be a finite number")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
@@ -104,7 +105,10 @@ class MergeMethodPlugin:
                 f"{self.name} has no option {unknown[0]!r}; its options are: {', '.join(sorted(known)) or 'none'}"
             )
         # Options validate themselves in __post_init__ (some have no valid default, e.g. block weights).
-        return self.Options(**values) if options is None else replace(options, **values)
+        check_finite(self.name, values)  # before __post_init__, so every method says the same
+        chosen = self.Options(**values) if options is None else replace(options, **values)
+        check_finite(self.name, {f.name: getattr(chosen, f.name) for f in fields(chosen)})
+        return chosen
 
     def recipe_options(self, options: Any, models: list[ModelRef]) -> dict:
         """What the recipe records for a merge of `models` with `options`. Default: every option."""
@@ -130,6 +134,16 @@ class MergeMethodPlugin:
     def check_operation(self, recipe: Recipe, allowed: Iterable[str] = ("merge",)) -> None:
         if recipe.operation not in allowed:
             raise RecipeError(f"a {self.name} merge cannot come from the operation {recipe.operation!r}")
+
+
+def check_finite(method: str, values: dict[str, Any]) -> None:
+    """No method has a use for NaN or Inf in a number option (a scale, a density, a weight): refused for
+    every method here, rather than found later as a NaN model or blamed on the inputs."""
+    for name, value in values.items():
+        numbers = value if isinstance(value, list | tuple) else [value]
+        for number in numbers:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise RecipeError(f"{method} option {name} must be a finite number, got {value!r}")
 
 
 def per_component(
