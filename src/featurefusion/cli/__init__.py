@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         where = f" ({err.filename})" if err.filename else ""
-        print(f"featurefusion: error: {err.strerror or err}{where}; nothing was written", file=sys.stderr)
+        print(f"featurefusion: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except Terminated:
         print("featurefusion: terminated; no output was written", file=sys.stderr)

@@ -214,38 +214,55 @@ def publish(items: list) -> None:
         for item in items:
             item.abort()
         raise
-    done: list[tuple[Path, Path | None, bool]] = []  # (target, kept old version, is a folder)
+    done: list[tuple[Path, Path | None, bool, bool]] = []  # (target, kept old version, is a folder, existed)
     try:
         for item, path in zip(items, staged, strict=True):
-            target, old = item.target, None
-            if target.exists() or target.is_symlink():
-                old = staging_name(target)
-                if item.is_dir:
-                    os.rename(target, old)  # a folder cannot be replaced in one step
-                else:
-                    os.link(target, old, follow_symlinks=False)
-            done.append((target, old, item.is_dir))
+            target = item.target
+            existed = target.exists() or target.is_symlink()
+            old = _keep_old(target, item.is_dir) if existed else None
+            done.append((target, old, item.is_dir, existed))
             os.replace(path, target)
             fault_point("published-one" if len(done) == 1 and len(items) > 1 else "published")
     except BaseException:
-        for target, old, is_dir in reversed(done):
+        for step in reversed(done):
             with contextlib.suppress(OSError):
-                _restore(target, old, is_dir)
+                _restore(*step)
         for item in items:
             item.abort()
         raise
-    for _, old, is_dir in done:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if is_dir else old.unlink(missing_ok=True)
+    for _, old, is_dir, _ in done:
+        if old is not None and is_dir:
+            shutil.rmtree(old, ignore_errors=True)
+        elif old is not None:
+            old.unlink(missing_ok=True)
     for folder in {item.target.parent for item in items}:
         _fsync_folder(folder)
 
 
-def _restore(target: Path, old: Path | None, is_dir: bool) -> None:
-    """Undo one step of `publish`: put the kept old version back, or remove what was published."""
+def _keep_old(target: Path, is_dir: bool) -> Path | None:
+    """Keep the current target under a hidden name until the group is published, so a failure can restore
+    it. A folder cannot be replaced in one step, so it moves aside; a file stays in place, with a second
+    hard link (None where the file system has no hard links: then it cannot be restored, only kept)."""
+    old = staging_name(target)
+    if is_dir:
+        os.rename(target, old)
+        return old
+    try:
+        os.link(target, old, follow_symlinks=False)
+    except OSError:
+        return None
+    return old
+
+
+def _restore(target: Path, old: Path | None, is_dir: bool, existed: bool) -> None:
+    """Undo one step of `publish`: put the kept old version back, or remove what was published. What existed
+    and could not be kept is left alone: never delete what the tool did not write."""
     if old is None:
-        if target.exists():
-            shutil.rmtree(target) if is_dir else target.unlink()
+        if not existed and target.exists():
+            if is_dir:
+                shutil.rmtree(target)
+            else:
+                target.unlink()
     elif is_dir:
         if target.exists():
             shutil.rmtree(target)
