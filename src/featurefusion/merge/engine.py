@@ -183,10 +183,6 @@ def check_overlap(outputs: list[Path], inputs: list[Path]) -> None:
                 raise CheckpointError(f"output path overlaps the input {path}", output)
 
 
-def check_output_path(output: Path, inputs: list[Path]) -> None:
-    check_overlap([output], inputs)
-
-
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.exists() and b.exists() and a.samefile(b)
