@@ -420,6 +420,10 @@ def test_14_bad_recipes(tmp_path, capsys, edit, message):
 def test_14_huge_sample_count(tmp_path, capsys):
     argv = ["merge", ROUND, DARK, "-o", tmp_path / "m.safetensors", "--mode", "sampled", "--samples", "100000000000"]
     fails(argv, capsys, "samples must lie")
+    with pytest.raises(SystemExit) as exit_code:  # argparse's own errors are one line as well
+        main(["merge", str(ROUND), str(DARK), "-o", str(tmp_path / "m.safetensors"), "--samples", "1e11"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_code.value.code == 2 and len(lines) == 1 and "invalid int value: '1e11'" in lines[0]
 
 
 # ---- 15. messages say what is wrong ------------------------------------------------------------------------

@@ -18,10 +18,15 @@ from featurefusion.errors import FeatureFusionError
 GROUPS = (merging, toyworld, evaluation, training)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line too (argparse prints the whole usage first); `-h` still shows it."""
+
+    def error(self, message: str):
+        self.exit(2, f"featurefusion: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="featurefusion", description="Merge diffusion models: FeatureFusion, Diffusion Soup, ..."
-    )
+    parser = _Parser(prog="featurefusion", description="Merge diffusion models: FeatureFusion, Diffusion Soup, ...")
     parser.add_argument("--version", action="version", version=f"featurefusion {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
