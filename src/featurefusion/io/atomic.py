@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 
 MARK = ".ffpart"
-# Staging names of this module, and the ones older versions used (`.NAME.PID.partial`, `.data`, `.tmp`).
-_STALE = re.compile(r"^\..+(?:\.ffpart-(\d+)-[0-9a-f]+|\.(\d+)\.(?:partial|data|tmp|old))$")
+# Staging names of this module, and the ones older versions used for models and statistics
+# (`.NAME.PID.partial`, `.data`, `.old`); not `.NAME.PID.tmp`, a pattern other tools use too.
+_STALE = re.compile(r"^\..+(?:\.ffpart-(\d+)-[0-9a-f]+|\.(\d+)\.(?:partial|data|old))$")
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 _linkat_works: dict[int, bool] = {}  # st_dev -> whether O_TMPFILE + linkat work there
