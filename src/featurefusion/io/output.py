@@ -133,6 +133,12 @@ class CheckpointWriter:
             tensor = placement.from_canonical(tensor)
         self._writers[placement.file].write(placement.key, tensor)
 
+    def write_bytes(self, canonical_key: str, data: torch.Tensor) -> None:
+        """Raw bytes of a tensor already in its planned dtype, in parts (shape changes between layouts are
+        reshapes, so the bytes are the same in every layout)."""
+        placement = self.plan.placements[canonical_key]
+        self._writers[placement.file].write_bytes(placement.key, data)
+
     def commit(self) -> None:
         for writer in self._writers.values():
             writer.commit()

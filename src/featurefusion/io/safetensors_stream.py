@@ -151,6 +151,17 @@ class SafetensorsReader:
                 raise CheckpointError(f"truncated file: read {got} of {info.nbytes} bytes", self.path, key)
         return raw.view(info.dtype).reshape(info.shape)
 
+    def read_range_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + len) of a tensor's flat data into the uint8 buffer `out` (len =
+        out.numel() / itemsize). Positional (pread), so a reader thread can share the file."""
+        info = self.info(key)
+        offset = self._data_start + info.begin + start * info.dtype.itemsize
+        if offset + out.numel() > self._data_start + info.end:
+            raise CheckpointError("read past the end of a tensor", self.path, key)
+        got = os.preadv(self._file.fileno(), [out.numpy()], offset)
+        if got != out.numel():
+            raise CheckpointError(f"truncated file: read {got} of {out.numel()} bytes", self.path, key)
+
     def close(self) -> None:
         self._file.close()
 
@@ -202,6 +213,7 @@ class StreamingSafetensorsWriter:
         self.path = Path(path)
         self._planned = planned
         self._next = 0
+        self._partial = 0  # bytes of the next planned tensor already written by `write_bytes`
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit()/abort()
@@ -220,6 +232,20 @@ class StreamingSafetensorsWriter:
         if flat.numel():
             self._file.write(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
+
+    def write_bytes(self, key: str, data: torch.Tensor) -> None:
+        """Part of the next planned tensor's bytes (uint8, in order); the tensor is done once all arrived."""
+        if self._next >= len(self._planned) or self._planned[self._next].key != key:
+            raise RuntimeError(f"writer for {self.path} got bytes of {key!r} out of the planned order")
+        want = self._planned[self._next]
+        size = math.prod(want.shape) * want.dtype.itemsize
+        if self._partial + data.numel() > size:
+            raise RuntimeError(f"writer for {self.path} got more bytes than {key!r} holds")
+        if data.numel():
+            self._file.write(memoryview(data.numpy()))
+        self._partial += data.numel()
+        if self._partial == size:
+            self._next, self._partial = self._next + 1, 0
 
     def commit(self) -> None:
         if self._next != len(self._planned):

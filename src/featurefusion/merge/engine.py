@@ -28,6 +28,7 @@ from featurefusion.errors import CheckpointError, RecipeError
 from featurefusion.io.checkpoint import COMPONENTS, Checkpoint, open_checkpoint
 from featurefusion.io.output import CheckpointWriter, components_written, plan_output
 from featurefusion.merge.base import CopyBase, MergeMethod
+from featurefusion.merge.streaming import plan_items, run_items
 from featurefusion.progress import bar_disabled
 
 log = logging.getLogger(__name__)
@@ -109,21 +110,17 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         skipped: list[str] = []
         if sum(_size(m.path) for m in models) > LARGE_MERGE_BYTES:
             _return_freed_memory_to_the_system()
+        # Weighted sums of whole tensors take the buffer-reusing fast path (see `streaming`).
+        items = plan_items(modules, models, methods, out_dtype) if job.nan_policy == "error" else None
         with CheckpointWriter(plan, job.metadata) as writer:
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
-            behind = _WriteBehind(writer, out_dtype)
             try:
-                for read in _prefetch(_read_modules(models, methods, modules)):
-                    merged = _merge_module(read, models, methods[read.module.component], job.nan_policy, skipped)
-                    for suffix, key in read.module.keys.items():
-                        behind.put(key, merged[suffix])
-                    bar.update(len(read.module.keys))
-            except BaseException:
-                behind.close(reraise=False)
-                raise
+                if items is not None:
+                    run_items(items, models, writer, progress=lambda: bar.update(1))
+                else:
+                    _merge_modules(models, methods, modules, writer, out_dtype, job.nan_policy, skipped, bar)
             finally:
                 bar.close()
-            behind.close()
             for method in {id(m): m for m in methods.values()}.values():
                 method.finish()
             for side in side_files:
@@ -136,6 +133,21 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
             ", ".join(skipped[:5]),
         )
     return MergeReport(job.output, fmt, dtype_name, len(entries), time.perf_counter() - start, skipped)
+
+
+def _merge_modules(models, methods, modules, writer, out_dtype, nan_policy, skipped, bar) -> None:
+    """The generic path: module by module, read ahead on one thread and written behind on another."""
+    behind = _WriteBehind(writer, out_dtype)
+    try:
+        for read in _prefetch(_read_modules(models, methods, modules)):
+            merged = _merge_module(read, models, methods[read.module.component], nan_policy, skipped)
+            for suffix, key in read.module.keys.items():
+                behind.put(key, merged[suffix])
+            bar.update(len(read.module.keys))
+    except BaseException:
+        behind.close(reraise=False)
+        raise
+    behind.close()
 
 
 def check_output_path(output: Path, inputs: list[Path]) -> None:
