@@ -19,6 +19,7 @@ def generic_only(monkeypatch):
         ("soup", {}, OutputOptions()),
         ("soup", {"weights": [3, 1, 1]}, OutputOptions(dtype="bf16")),
         ("soup", {}, OutputOptions(format="diffusers", dtype="fp32")),
+        ("block-weighted", {"block_weights": ["0.3", "0.25"]}, OutputOptions()),
     ],
 )
 def test_fast_path_equals_the_generic_path(tiny, tmp_path, monkeypatch, method, options, out):

@@ -52,7 +52,7 @@ def plan_items(modules, models, methods, out_dtype) -> list[Item] | None:
         weights_of = getattr(method, "linear_weights", None)
         if weights_of is None:
             return None
-        weights = weights_of(module.name)
+        weights = weights_of(module.name, next(iter(module.keys)))
         readers = models if method.reads_all_models else models[:1]
         if len(weights) != len(readers):
             return None
