@@ -8,8 +8,9 @@ time, ~1 µs per 4 KiB); the float32 result and its cast to the output dtype are
 cut into chunks of at most CHUNK elements and every buffer is allocated once and reused:
 
     reader thread:  pread each model's chunk into a free input set  (3 sets rotate)
-    main thread:    acc = sum_i w_i x_i in float32 (the same kernels as `weighted_sum`, so the bytes equal
-                    the generic path's), checked for NaN/Inf, cast into a free output buffer (2 rotate)
+    main thread:    acc = sum_i w_i x_i in float32, on one thread (the same kernels as `weighted_sum`, so
+                    the bytes equal the generic path's), checked for NaN/Inf, cast into a free output
+                    buffer (2 rotate)
     writer thread:  append the bytes to the output file
 
 A chunk that only copies (non-float tensors; a float copy in its own dtype) goes from the input buffer to
@@ -137,6 +138,10 @@ def run_items(items: list[Item], models, writer, progress=None) -> None:
     threads = [threading.Thread(target=read, daemon=True), threading.Thread(target=write, daemon=True)]
     for thread in threads:
         thread.start()
+    # The sums run on one thread: a chunk is a few ms of work, and an intra-op pool waits on its slowest
+    # thread at every op, which on a busy machine (or beside the reader and writer) costs 10-20x the work.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         while (entry := _get(ready, stop)) is not None:
             item, last, count, buffers = entry
@@ -170,6 +175,7 @@ def run_items(items: list[Item], models, writer, progress=None) -> None:
         stop.set()
         raise
     finally:
+        torch.set_num_threads(threads_before)
         stop.set()
         for thread in threads:
             thread.join(timeout=5)
