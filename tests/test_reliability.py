@@ -78,7 +78,7 @@ def test_01_existing_output_folder_is_kept(tmp_path, capsys):
     fails(["merge", BASE, DARK, "-o", model], capsys, "not empty")
     assert run(["merge", BASE, DARK, "-o", model, "--overwrite"], capsys)[0] == 0
     assert (model / "model_index.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "model", "model.ffstats.safetensors"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", "model", "model.ffstats"])
 
 
 # ---- 2, 3. every file a command reads is an input for the overlap check ----------------------------------
