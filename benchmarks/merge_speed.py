@@ -4,11 +4,12 @@
 
 Builds SD 1.x single-file checkpoints (random fp16 weights, the real ldm key layout and shapes: UNet, CLIP
 text encoder, VAE; ~2.1 GB each), then times in separate processes, each reporting its own peak RSS:
-- featurefusion soup (uniform, fp32 maths, fp16 out),
-- sd-mecha's n_average on the same files, when sd-mecha is installed (`pip install sd-mecha`),
-- featurefusion FeatureFusion, exact mode, next to the time its matrix products need at this machine's
-  measured GEMM rate.
-Specialists are the base plus small noise, so neurons correlate as in real fine-tunes.
+- the I/O floor: reading every input once into one reused buffer plus writing one output's bytes (fsync'd);
+- featurefusion soup (uniform, fp32 maths, fp16 out), on the engine's fast path and on the generic path;
+- sd-mecha's n_average on the same files, when sd-mecha is installed (`pip install sd-mecha`);
+- featurefusion FeatureFusion, exact mode, sparse (the default) and dense (`--skip-dense` to skip).
+Specialists are the base plus small noise, so neurons correlate as in real fine-tunes. The machine's load
+average is printed next to each run: timings on a busy machine are not comparable with a quiet one.
 """
 
 from __future__ import annotations
@@ -88,63 +89,83 @@ def write_models(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def gemm_rate() -> float:
-    """fp32 FLOP/s of torch matmul at the sizes FeatureFusion multiplies (best of a few runs)."""
-    a, b = torch.randn(1280, 11520), torch.randn(11520, 3840)
-    a @ b
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1280 * 11520 * 3840 / best
-
-
-def featurefusion_flops(shapes: dict[str, tuple[int, ...]], models: int) -> float:
-    """Matrix-product FLOPs of an exact FeatureFusion merge of the UNet: the Gram block W_1 K^T and C K."""
-    total = 0.0
-    for key, shape in shapes.items():
-        if key.startswith("model.diffusion_model.") and key.endswith(".weight") and len(shape) in (2, 4):
-            parts = 2 if ".ff.net.0.proj." in key else 1
-            n, d = shape[0] // parts, math.prod(shape[1:])
-            total += parts * 2 * (2 * n * models * n * d)  # Gram block and C K, each n x Nn x d
-    return total
+def io_floor(paths: list[str], out: str, out_bytes: int) -> dict:
+    """Read every input once into one reused buffer, and write `out_bytes` once (with fsync, as merges do)."""
+    buffer = bytearray(64 << 20)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+    read = time.perf_counter() - start
+    start = time.perf_counter()
+    with open(out, "wb", buffering=0) as f:
+        left = out_bytes
+        while left:
+            left -= f.write(view[: min(left, len(view))])
+        os.fsync(f.fileno())
+    write = time.perf_counter() - start
+    os.unlink(out)
+    return {"seconds": read + write, "read": read, "write": write}
 
 
 def child(kind: str, paths: list[str], out: str) -> None:
-    """Run one merge in this process and print wall time and peak RSS as JSON."""
+    """Run one merge (or the I/O floor) in this process and print wall time, CPU times and peak RSS as JSON."""
     import resource
 
     start = time.perf_counter()
-    if kind == "sd-mecha":
+    extra = {}
+    if kind == "io-floor":
+        extra = io_floor(paths, out, Path(paths[0]).stat().st_size)
+    elif kind == "sd-mecha":
         import sd_mecha
 
         recipe = sd_mecha.n_average(*[sd_mecha.model(p) for p in paths])
         sd_mecha.merge(recipe, output=out, merge_dtype=torch.float32, output_dtype=torch.float16)
     else:
-        from featurefusion.merge import operations
+        from featurefusion.merge import engine, operations
         from featurefusion.merge.operations import OutputOptions
 
-        method = "soup" if kind == "soup" else "featurefusion"
-        operations.merge([Path(p) for p in paths], Path(out), method, out=OutputOptions(progress=False))
+        options = {}
+        if kind == "soup-generic":
+            engine.plan_items = lambda *a: None  # the module-by-module path, for comparison
+        if kind.startswith("featurefusion-"):
+            options["algorithm"] = kind.removeprefix("featurefusion-")
+        method = "soup" if kind.startswith("soup") else "featurefusion"
+        operations.merge(
+            [Path(p) for p in paths], Path(out), method, out=OutputOptions(progress=False), save_statistics=False,
+            **options,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_rss": peak}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {"seconds": seconds, "user": usage.ru_utime, "system": usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024}
+    print(json.dumps({**result, **extra}))
 
 
-def measure(kind: str, paths: list[Path], out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--out", str(out), *map(str, paths)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "FEATUREFUSION_PROGRESS": "0"})
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def measure(kind: str, paths: list[Path], out: Path, repeat: int) -> dict:
+    """Median wall time of `repeat` runs, each in a fresh process (so peak RSS is its own)."""
+    runs = []
+    for _ in range(repeat):
+        cmd = [sys.executable, __file__, "--child", kind, "--out", str(out), *map(str, paths)]
+        env = {**os.environ, "FEATUREFUSION_PROGRESS": "0"}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise RuntimeError(f"{kind} failed:\n{result.stderr[-3000:]}")
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    runs.sort(key=lambda r: r["seconds"])
+    median = dict(runs[len(runs) // 2])
+    median["all"] = [r["seconds"] for r in runs]
+    return median
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/ff-bench"))
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the I/O floor and the soups (median)")
     parser.add_argument("--skip-featurefusion", action="store_true")
+    parser.add_argument("--skip-dense", action="store_true", help="skip FeatureFusion's dense path (slow)")
     parser.add_argument("--child")
     parser.add_argument("--out")
     parser.add_argument("paths", nargs="*")
@@ -153,7 +174,9 @@ def main() -> None:
         child(args.child, args.paths, args.out)
         return
 
-    print(f"command: python benchmarks/merge_speed.py --models {args.models} --dir {args.dir}")
+    flags = " --skip-dense" * args.skip_dense + " --skip-featurefusion" * args.skip_featurefusion
+    command = f"python benchmarks/merge_speed.py --models {args.models} --dir {args.dir} --repeat {args.repeat}"
+    print(f"command: {command}{flags}")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     paths = write_models(args.dir, args.models)
@@ -172,37 +195,51 @@ def main() -> None:
     for p in paths:
         model_hash(p)  # recipes hash their inputs; the hash cache makes that a one-time cost
 
+    def load() -> str:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
     rows = []
-    soup = measure("soup", paths, args.dir / "out_soup.safetensors")
-    rows.append(("featurefusion soup", soup))
+    plan = [("I/O floor: read inputs + write output once", "io-floor", args.repeat)]
+    plan += [("featurefusion soup (fast path)", "soup", args.repeat)]
+    plan += [("featurefusion soup (generic path)", "soup-generic", 1)]
     try:
         import sd_mecha  # noqa: F401
 
-        mecha = measure("sd-mecha", paths, args.dir / "out_mecha.safetensors")
-        rows.append(("sd-mecha n_average", mecha))
+        plan.append(("sd-mecha n_average", "sd-mecha", args.repeat))
     except ImportError:
-        mecha = None
+        print("sd-mecha not installed: no comparison (pip install sd-mecha)")
     if not args.skip_featurefusion:
-        ff = measure("featurefusion", paths, args.dir / "out_ff.safetensors")
-        rows.append(("featurefusion FeatureFusion (exact)", ff))
+        plan.append(("FeatureFusion exact, sparse (default)", "featurefusion-sparse", 1))
+        if not args.skip_dense:
+            plan.append(("FeatureFusion exact, dense", "featurefusion-dense", 1))
+    for name, kind, repeat in plan:
+        before = load()
+        result = measure(kind, paths, args.dir / f"out_{kind}.safetensors", repeat)
+        rows.append((name, kind, result, before))
 
-    print(f"\n{'merge':<38}{'wall s':>9}{'peak RSS GiB':>14}")
-    for name, r in rows:
-        print(f"{name:<38}{r['seconds']:>9.1f}{r['peak_rss'] / 2**30:>14.2f}")
-    if mecha:
-        print(f"\nsoup / sd-mecha wall time: {soup['seconds'] / mecha['seconds']:.2f}x (target <= 0.30x)")
-    else:
-        print("\nsd-mecha not installed: no comparison (pip install sd-mecha)")
-    print(f"soup peak RSS: {soup['peak_rss'] / 2**30:.2f} GiB (target <= 1 GiB)")
-    if not args.skip_featurefusion:
-        rate = gemm_rate()
-        flops = featurefusion_flops(sd15_shapes(), args.models)
-        bound = flops / rate
+    floor = rows[0][2]["seconds"]
+    print(f"\n{'run':<44}{'wall s':>8}{'user s':>8}{'sys s':>8}{'peak RSS GiB':>14}{'x floor':>9}  load before")
+    for name, kind, r, before in rows:
+        rss = "" if kind == "io-floor" else f"{r['peak_rss'] / 2**30:.2f}"
         print(
-            f"FeatureFusion: {flops / 1e12:.2f} TFLOP of matrix products at {rate / 1e9:.0f} GFLOP/s = {bound:.1f} s; "
-            f"measured {ff['seconds']:.1f} s = {ff['seconds'] / bound:.2f}x (target <= 2x), "
-            f"peak RSS {ff['peak_rss'] / 2**30:.2f} GiB (target <= 2 GiB)"
+            f"{name:<44}{r['seconds']:>8.1f}{r['user']:>8.1f}{r['system']:>8.1f}{rss:>14}{r['seconds'] / floor:>9.2f}"
+            f"  {before}"
         )
+    io = rows[0][2]
+    print(f"I/O floor: read {io['read']:.1f} s + write {io['write']:.1f} s (median of {args.repeat}: {io['all']})")
+    by_kind = {kind: r for _, kind, r, _ in rows}
+    soup = by_kind["soup"]
+    print(f"soup: {soup['seconds'] / floor:.2f}x the I/O floor (target <= 1.5x), runs {soup['all']}, "
+          f"peak RSS {soup['peak_rss'] / 2**30:.2f} GiB (target <= 1 GiB)")  # fmt: skip
+    if "sd-mecha" in by_kind:
+        print(f"soup / sd-mecha n_average wall time: {soup['seconds'] / by_kind['sd-mecha']['seconds']:.2f}x")
+    if "featurefusion-sparse" in by_kind:
+        ff = by_kind["featurefusion-sparse"]
+        rss = ff["peak_rss"] / 2**30
+        print(f"FeatureFusion sparse: {ff['seconds']:.1f} s (target <= 30 s), peak RSS {rss:.2f} GiB (target <= 2 GiB)")
+        if "featurefusion-dense" in by_kind:
+            print(f"FeatureFusion dense / sparse: {by_kind['featurefusion-dense']['seconds'] / ff['seconds']:.1f}x")
+    print(load().replace("load average", "load average after"))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,20 @@ def test_unlearning_works_when_the_removed_file_is_gone(tiny, tmp_path):
     assert unlearned.exists()
 
 
+def test_statistics_file_is_not_named_like_a_model_and_old_names_still_read(tiny, tmp_path):
+    full, unlearned, again = (tmp_path / f"{n}.safetensors" for n in ("full", "unlearned", "again"))
+    operations.merge(tiny.models, full)
+    stats = tmp_path / "full.ffstats"
+    assert operations.statistics_path(full) == stats and stats.is_file()
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["full.safetensors"]
+    operations.remove(full, "1", unlearned)
+    # a merge written before the rename: its statistics file is found under the old name
+    stats.rename(tmp_path / "full.ffstats.safetensors")
+    assert operations.find_statistics(full) == tmp_path / "full.ffstats.safetensors"
+    operations.remove(full, "1", again)
+    assert_close(unet(again), unet(unlearned), atol=0)
+
+
 # Options that exercise each method's recorded randomness or resolution (sampled statistics, seeded drops).
 REPLAY_OPTIONS = {
     "featurefusion": {"mode": "sampled", "samples": 64},

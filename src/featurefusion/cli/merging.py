@@ -95,7 +95,7 @@ def register(sub) -> None:
     p.add_argument(
         "--statistics",
         type=Path,
-        help="FeatureFusion statistics file (default: the one beside the merged model)",
+        help="FeatureFusion statistics file (default: <merged>.ffstats, or the older <merged>.ffstats.safetensors)",
     )
     add_output_args(p)
 

@@ -177,6 +177,12 @@ class CheckpointWriter:
         publish(staged)  # into the hidden folder; the folder itself is published by the caller
         return [self._folder]
 
+    def write_bytes(self, canonical_key: str, data: torch.Tensor) -> None:
+        """Raw bytes of a tensor already in its planned dtype, in parts (shape changes between layouts are
+        reshapes, so the bytes are the same in every layout)."""
+        placement = self.plan.placements[canonical_key]
+        self._writers[placement.file].write_bytes(placement.key, data)
+
     def commit(self) -> None:
         publish(self.finish())
 

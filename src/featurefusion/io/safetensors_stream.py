@@ -260,6 +260,20 @@ class SafetensorsReader:
         self._hash_until(os.fstat(self._file.fileno()).st_size)
         return self._hash.hexdigest()
 
+    def read_range_into(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + len) of a tensor's flat data into the uint8 buffer `out` (len =
+        out.numel() / itemsize). Positional (pread), so a reader thread can share the file."""
+        info = self.info(key)
+        offset = self._data_start + info.begin + start * info.dtype.itemsize
+        if offset + out.numel() > self._data_start + info.end:
+            raise CheckpointError("read past the end of a tensor", self.path, key)
+        got = os.preadv(self._file.fileno(), [out.numpy()], offset)
+        if got != out.numel():
+            raise CheckpointError(f"truncated file: read {got} of {out.numel()} bytes", self.path, key)
+        if self._hash is not None and offset <= self._hashed < offset + got:
+            self._hash.update(memoryview(out.numpy())[self._hashed - offset :])
+            self._hashed = offset + got
+
     def close(self) -> None:
         self._file.close()
 
@@ -312,6 +326,7 @@ class StreamingSafetensorsWriter:
         self.path = Path(path)
         self._planned = planned
         self._next = 0
+        self._partial = 0  # bytes of the next planned tensor already written by `write_bytes`
         self._staged = StagedFile(self.path)
         # The file's SHA-256, from the bytes as they are written: side files record it (no second pass).
         self._hash = hashlib.sha256()
@@ -338,6 +353,20 @@ class StreamingSafetensorsWriter:
         if flat.numel():
             self._write(memoryview(flat.view(torch.uint8).numpy()))
         self._next += 1
+
+    def write_bytes(self, key: str, data: torch.Tensor) -> None:
+        """Part of the next planned tensor's bytes (uint8, in order); the tensor is done once all arrived."""
+        if self._next >= len(self._planned) or self._planned[self._next].key != key:
+            raise RuntimeError(f"writer for {self.path} got bytes of {key!r} out of the planned order")
+        want = self._planned[self._next]
+        size = math.prod(want.shape) * want.dtype.itemsize
+        if self._partial + data.numel() > size:
+            raise RuntimeError(f"writer for {self.path} got more bytes than {key!r} holds")
+        if data.numel():
+            self._write(memoryview(data.numpy()))
+        self._partial += data.numel()
+        if self._partial == size:
+            self._next, self._partial = self._next + 1, 0
 
     def sha256(self) -> str:
         """SHA-256 of the whole file (once every tensor has been written)."""

@@ -11,6 +11,10 @@ A method may also define `prepare(models)`, called with the opened checkpoints b
 NaN/Inf checks: when any non-finite input necessarily makes the output non-finite (`propagates_non_finite`,
 true of weighted sums and copies), the engine checks the one output instead of every input, and looks for
 the culprit only when the output is bad. Other methods get every input checked before they run.
+
+A method whose every float tensor of a module is sum_i w_i x_i may say so with `linear_weights(module,
+suffix)`: the w_i, one per model it reads (`suffix` is the module's first key suffix). The engine then
+streams it in reused buffers (`merge.streaming`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class CopyBase:
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         return {suffix: values[0] for suffix, values in tensors.items()}
+
+    def linear_weights(self, module: str, suffix: str) -> list[float]:
+        return [1.0]  # a copy is a weighted sum of one model: the engine's fast path can stream it
 
     def finish(self) -> None:
         pass

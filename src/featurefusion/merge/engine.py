@@ -40,6 +40,7 @@ from featurefusion.io.output import (
     plan_output,
 )
 from featurefusion.merge.base import CopyBase, MergeMethod
+from featurefusion.merge.streaming import plan_items, run_items
 from featurefusion.progress import bar_disabled
 
 log = logging.getLogger(__name__)
@@ -133,24 +134,19 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         skipped: list[str] = []
         if sum(_size(m.path) for m in models) > LARGE_MERGE_BYTES:
             _return_freed_memory_to_the_system()
+        # Weighted sums of whole tensors take the buffer-reusing fast path (see `streaming`).
+        fast = job.nan_policy == "error" and job.overflow == "error"  # skipping or clamping: the generic path
+        items = plan_items(modules, models, methods, out_dtype) if fast else None
         with CheckpointWriter(plan, job.metadata) as writer:
             fault_point("staged")
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
-            behind = _WriteBehind(writer, out_dtype, job.overflow, job.output)
             try:
-                for done, read in enumerate(_prefetch(_read_modules(models, methods, modules))):
-                    merged = _merge_module(read, models, methods[read.module.component], job.nan_policy, skipped)
-                    for suffix, key in read.module.keys.items():
-                        behind.put(key, merged[suffix])
-                    bar.update(len(read.module.keys))
-                    if done == len(modules) // 2:
-                        fault_point("merging")
-            except BaseException:
-                behind.close(reraise=False)
-                raise
+                if items is not None:
+                    run_items(items, models, writer, job.output, progress=lambda: bar.update(1))
+                else:
+                    _merge_modules(models, methods, modules, writer, out_dtype, job, skipped, bar)
             finally:
                 bar.close()
-            behind.close()
             for method in {id(m): m for m in methods.values()}.values():
                 method.finish()
             if verify:
@@ -181,6 +177,23 @@ def check_overlap(outputs: list[Path], inputs: list[Path]) -> None:
                 raise CheckpointError(f"output path is the same as an input ({path}); choose another output", output)
             if src.is_relative_to(out) or out.is_relative_to(src):
                 raise CheckpointError(f"output path overlaps the input {path}", output)
+
+
+def _merge_modules(models, methods, modules, writer, out_dtype, job: MergeJob, skipped, bar) -> None:
+    """The generic path: module by module, read ahead on one thread and written behind on another."""
+    behind = _WriteBehind(writer, out_dtype, job.overflow, job.output)
+    try:
+        for done, read in enumerate(_prefetch(_read_modules(models, methods, modules))):
+            merged = _merge_module(read, models, methods[read.module.component], job.nan_policy, skipped)
+            for suffix, key in read.module.keys.items():
+                behind.put(key, merged[suffix])
+            bar.update(len(read.module.keys))
+            if done == len(modules) // 2:
+                fault_point("merging")
+    except BaseException:
+        behind.close(reraise=False)
+        raise
+    behind.close()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -350,6 +363,16 @@ def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
         thread.join(timeout=5)
 
 
+def overflow_error(dtype: torch.dtype, output: Path, key: str, finite_before: bool = True) -> CheckpointError:
+    beyond = f" (values beyond ±{torch.finfo(dtype).max:.6g})" if finite_before else ""
+    return CheckpointError(
+        f"the merged tensor holds Inf after the cast to {_dtype_label(dtype)}{beyond}; "
+        "use a wider --dtype, or --overflow clamp to saturate",
+        output,
+        key,
+    )
+
+
 class _WriteBehind:
     """Casts and writes tensors on a background thread, so output I/O overlaps the merge maths.
 
@@ -384,13 +407,7 @@ class _WriteBehind:
         if self._overflow == "clamp" and torch.isfinite(tensor).all():
             limit = torch.finfo(self._dtype).max
             return tensor.clamp(-limit, limit).to(self._dtype)
-        beyond = "" if not torch.isfinite(tensor).all() else f" (values beyond ±{torch.finfo(self._dtype).max:.6g})"
-        raise CheckpointError(
-            f"the merged tensor holds Inf after the cast to {_dtype_label(self._dtype)}{beyond}; "
-            "use a wider --dtype, or --overflow clamp to saturate",
-            self._output,
-            key,
-        )
+        raise overflow_error(self._dtype, self._output, key, finite_before=bool(torch.isfinite(tensor).all()))
 
     def put(self, key: str, tensor: torch.Tensor) -> None:
         if self._error is not None:

@@ -81,10 +81,9 @@ class StatisticsSidecar:
         weight whatever the normalisation, so it need not be kept), and a `finish(stats)` to write it out."""
         indices, values = [], []
 
-        def record(rows: torch.Tensor, p: torch.Tensor, a: torch.Tensor) -> None:
-            local = a.nonzero()
-            indices.append(torch.stack([rows[local[:, 0]], local[:, 1]]).to(torch.int32))
-            values.append(p[local[:, 0], local[:, 1]])
+        def record(rows: torch.Tensor, cols: torch.Tensor, p: torch.Tensor) -> None:
+            indices.append(torch.stack([rows, cols]).to(torch.int32))
+            values.append(p)
 
         def finish(stats: LayerStatistics) -> None:
             self._writer.write(f"{layer}::sigma", stats.sigma)

@@ -37,11 +37,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from featurefusion.errors import RecipeError
+from featurefusion.merge.featurefusion_sparse import column_l1_by_block, merge_layer_sparse
 from featurefusion.merge.registry import option
 
 SLOPES = ("rescale", "regress")
 NORMALIZATIONS = ("convex", "paper", "column")
 MODES = ("exact", "sampled")
+ALGORITHMS = ("sparse", "dense")
 SAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # Row sums of the `paper` normalisation with a smaller magnitude than this are treated as degenerate.
 DEGENERATE_ROW_SUM = 1e-6
@@ -65,6 +67,9 @@ class FeatureFusionOptions:
     samples: int = option(2048, "random inputs per layer in sampled mode", type=int)
     seed: int = option(0, "seed of the random draws (FeatureFusion sampled mode, DARE)", type=int)
     sample_dtype: str = option("float32", "dtype of the sampled features", choices=tuple(SAMPLE_DTYPES))
+    # sparse: only the pairs that can pass the threshold (featurefusion_sparse); dense: all of P and C K. Same
+    # result up to float32 round-off; dense stays for comparison and benchmarks.
+    algorithm: str = option("sparse", "sparse: pairs that can pass the threshold only; dense: all of P", cli=False)
     # Base neurons processed at once; bounds the [rows, N*n] matrices in memory.
     chunk_rows: int = option(512, "base neurons processed at once", cli=False)
 
@@ -77,6 +82,7 @@ class FeatureFusionOptions:
             (2 <= self.samples <= MAX_SAMPLES, f"samples must lie in [2, {MAX_SAMPLES}]"),
             (self.sample_dtype in SAMPLE_DTYPES, f"sample_dtype must be one of {tuple(SAMPLE_DTYPES)}"),
             (self.chunk_rows >= 1, "chunk_rows must be positive"),
+            (self.algorithm in ALGORITHMS, f"algorithm must be one of {ALGORITHMS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,7 +131,11 @@ def layer_statistics(stack: torch.Tensor, n: int, options: FeatureFusionOptions,
     unit = features / torch.where(sigma > 0, sigma, 1.0).unsqueeze(1)  # zero neurons stay zero
     stats = LayerStatistics(sigma=sigma, unit=unit)
     if options.normalization == "column":
-        stats.column_l1 = _column_l1_by_block(stats, n, options)
+        if options.algorithm == "sparse":
+            r, _ = slope_factors(sigma, options.slope)
+            stats.column_l1 = column_l1_by_block(stats, n, options.threshold, r)
+        else:
+            stats.column_l1 = _column_l1_by_block(stats, n, options)
     return stats
 
 
@@ -172,12 +182,15 @@ def merge_layer(
 ) -> MergedLayer:
     """W = C K and b = C [b_1; ...; b_N], in chunks of base rows to bound memory.
 
-    `record(rows, p, a)` (optional) receives each chunk's P and thresholded |P|, e.g. to store them."""
+    `record(rows, cols, values)` (optional) receives the entries of P that pass the threshold, row-major,
+    e.g. to store them."""
     r, c = slope_factors(stats.sigma, options.slope)
     if options.normalization == "column":
         # C_ij / sum_i' |C_i'j| = r_i Q_ij / (sum_i' r_i' |P_i'j|^2): the column factor c_j cancels.
         colsum = stats.column_l1.sum(dim=0)
         c = torch.where((colsum > 0) & (c != 0), 1.0 / torch.where(colsum > 0, colsum, 1.0), 0.0)
+    if options.algorithm == "sparse":
+        return MergedLayer(*merge_layer_sparse(stack, biases, n, stats, options, r, c, record))
     scaled = stack * c.unsqueeze(1)
     scaled_bias = None if biases is None else biases * c
     weight = torch.empty(n, stack.shape[1])
@@ -188,7 +201,8 @@ def merge_layer(
         p = stats.correlation_rows(rows)
         a = _thresholded(p, options.threshold)
         if record is not None:
-            record(rows, p, a)
+            local = a.nonzero()
+            record(rows[local[:, 0]], local[:, 1], p[local[:, 0], local[:, 1]])
         kept += int(torch.count_nonzero(a))
         q = a * p  # |P| * P: the sign of the correlation is carried by the slope
         if options.normalization == "convex":

@@ -48,13 +48,31 @@ class OutputOptions:
         )
 
 
+STATISTICS_SUFFIX = ".ffstats"
+# Written before the rename; UIs that list every `*.safetensors` in a model folder showed it as a model.
+LEGACY_STATISTICS_SUFFIX = ".ffstats.safetensors"
+
+
 def statistics_path(output: Path) -> Path:
-    """Where the FeatureFusion statistics of a merged model live: beside it."""
-    output = Path(output)
+    """Where the FeatureFusion statistics of a merged model are written: beside it, as `<stem>.ffstats`.
+
+    The bytes are safetensors, but the name does not end in `.safetensors`, so folder scans for models
+    skip it."""
+    return _beside(Path(output), STATISTICS_SUFFIX)
+
+
+def find_statistics(merged: Path) -> Path:
+    """The statistics file of a merged model: `<stem>.ffstats`, else the older `<stem>.ffstats.safetensors`."""
+    current = statistics_path(merged)
+    legacy = _beside(Path(merged), LEGACY_STATISTICS_SUFFIX)
+    return legacy if not current.exists() and legacy.exists() else current
+
+
+def _beside(output: Path, suffix: str) -> Path:
     if not output.name:  # "." or "..": name it by the folder it means
         output = Path(os.path.abspath(output))
     stem = output.stem if output.suffix == ".safetensors" else output.name
-    return output.with_name(f"{stem}.ffstats.safetensors")
+    return output.with_name(f"{stem}{suffix}")
 
 
 def merge(
@@ -210,7 +228,7 @@ def unlearn(
                 raise CheckpointError(f"not the model the merge was built with ({ref.path})", path)
     else:
         remaining = [resolve_model(r, Path(merged).parent) for r in remaining_refs]
-    stats_file = Path(statistics) if statistics else statistics_path(Path(merged))
+    stats_file = Path(statistics) if statistics else find_statistics(Path(merged))
     options = registry.get("featurefusion").options_of(recipe)
     check_statistics(stats_file, recipe, options, merged)
     out = (out or OutputOptions()).defaults_from(recipe)

@@ -30,6 +30,9 @@ class WeightedSum:
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         return {suffix: weighted_sum(values, self.weights) for suffix, values in tensors.items()}
 
+    def linear_weights(self, module: str, suffix: str) -> list[float]:
+        return self.weights
+
     def finish(self) -> None:
         pass
 

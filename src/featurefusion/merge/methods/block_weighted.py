@@ -113,11 +113,13 @@ class BlockWeightedSum:
                 )
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
-        suffix = next(iter(tensors))
+        weights = self.linear_weights(module, next(iter(tensors)))
+        return {s: weighted_sum(values, weights) for s, values in tensors.items()}
+
+    def linear_weights(self, module: str, suffix: str) -> list[float]:
         block = self.index[block_of(f"{module}.{suffix}", self.layout)]
         specialists = [row[block] for row in self.rows]
-        weights = [1.0 - sum(specialists), *specialists]
-        return {s: weighted_sum(values, weights) for s, values in tensors.items()}
+        return [1.0 - sum(specialists), *specialists]
 
     def finish(self) -> None:
         pass
