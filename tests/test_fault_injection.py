@@ -54,12 +54,15 @@ def killed(tmp_path_factory) -> dict:
     """Every fault at once (the processes start in parallel; most of their time is Python's start-up).
     Each runs in its own folder that holds an earlier merge and its statistics: what it must not touch."""
     runs = {}
-    for fault in [*FAULTS, "published-one:SIGKILL", "folder:SIGKILL"]:
+    for fault in [*FAULTS, "published-one:SIGKILL", "folder:SIGKILL", "soup:SIGTERM"]:
         folder = tmp_path_factory.mktemp(fault.replace(":", "-"))
         out = folder / "m.safetensors"
         if fault.startswith("folder"):
             out = folder / "pipeline"
             process = launch(["merge", BASE, MODELS[0], "-o", out], "merging:SIGKILL", folder)
+        elif fault.startswith("soup"):  # the engine's fast path for weighted sums (reader and writer threads)
+            assert main(["soup", *map(str, MODELS), "-o", str(out), "--no-progress"]) == 0
+            process = launch(["soup", *MODELS, "-o", out, "--weights", "1", "2", "3"], "merging:SIGTERM", folder)
         else:
             assert main(merge_args(out, "0.2")) == 0
             process = launch(merge_args(out, "0.5")[:-1], fault, folder)
@@ -99,6 +102,12 @@ def test_statistics_published_alone_are_refused(killed):
     removed = merged.with_name("r.safetensors")
     assert main(["remove", str(merged), "2", "-o", str(removed)]) == 2
     assert not removed.exists()
+
+
+def test_a_terminated_fast_path_soup_changes_nothing(killed):
+    soup, before, returncode, stderr = killed["soup:SIGTERM"]
+    assert returncode == 128 + signal.SIGTERM and "terminated; no output was written" in stderr
+    assert state(soup.parent) == before
 
 
 def test_a_killed_folder_merge_is_swept(killed):
