@@ -162,7 +162,8 @@ def _latents(pipe, images: torch.Tensor, generator: torch.Generator) -> torch.Te
         return images
     images = images.to(vae.device, vae.dtype)
     # The posterior mean, not a draw: the SD VAE's posterior is narrow, and the batch stays a pure function of the step.
-    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    # The VAE hands back channels-last latents; torch 2.13's CPU backward through the ensemble crashes on them.
+    return (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).contiguous()
 
 
 def _save_state(accelerator, state_dir: Path, step: int, config: AFATrainConfig) -> None:

@@ -125,6 +125,7 @@ class AFAUNet(nn.Module):
         if any(v is not None for v in unsupported.values()):
             raise EnsembleError(f"AFA ensembles do not support {', '.join(sorted(unsupported))} (ControlNet, adapters)")
         lead = self.members[0]
+        sample = sample.contiguous()  # channels-last inputs crash the CPU backward pass (torch 2.13)
         up_factor = 2**lead.num_upsamplers
         forward_upsample_size = any(dim % up_factor for dim in sample.shape[-2:])
         if attention_mask is not None:
