@@ -68,6 +68,7 @@ def test_afa_on_a_stable_diffusion_pipeline_trains_on_a_captioned_folder_and_sam
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo\n")
     argv = ["sample", "--ensemble", str(afa), "--prompts", str(prompts), "--out", str(tmp_path / "sd"), "--steps",
-            "2", "--height", "16", "--width", "16", "--no-progress", "--device", "cpu", "--scheduler", "ddim"]  # fmt: skip
+            "2", "--height", "16", "--width", "16", "--no-progress", "--device", "cpu",
+            "--scheduler", "ddim"]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "sd" / "00000_000.png").is_file()
