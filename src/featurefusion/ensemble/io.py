@@ -104,6 +104,7 @@ def save_aggregators(folder: str | os.PathLike, aggregators: AggregatorSet, memb
     state = {k: v.detach().to(dtype).contiguous() for k, v in aggregators.state_dict().items()}
     tmp = folder / f".{WEIGHTS}.{os.getpid()}.tmp"
     save_file(state, tmp, metadata={"format": FORMAT})
+    os.chmod(tmp, 0o644)  # readable like every other shipped file
     os.replace(tmp, folder / WEIGHTS)
     config = {"format": FORMAT, "aggregators": aggregators.config.to_dict(), "members": members, "training": training}
     write_json_atomic(folder / CONFIG, config)
@@ -128,8 +129,8 @@ def resolve_members(folder: str | os.PathLike, config: dict, verify: bool = True
     paths = []
     for ref in config["members"]:
         path = Path(ref["path"])
-        if not path.exists() and not path.is_absolute() and (Path(folder) / path).exists():
-            path = Path(folder) / path
+        if not path.is_absolute() and (Path(folder) / path).exists():
+            path = Path(folder) / path  # a path relative to the AFA folder (the shipped one's are)
         if not path.exists():
             raise EnsembleError(f"{folder}: member model {ref['path']} not found")
         if verify and model_hash(path) != ref["sha256"]:
