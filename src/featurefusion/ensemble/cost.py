@@ -4,14 +4,14 @@
   share the base's text encoder and VAE, so those count once; the N U-Nets and the aggregators all count).
 - Seconds per image: wall time of one sampling call divided by its images.
 - Peak memory: the bytes of those parameters plus the activations' peak during that call. On CUDA the
-  activations are `max_memory_allocated` above the memory in use before the call; on CPU they are the
-  growth of the process's resident memory, read every 2 ms by a thread (an estimate: the allocator may reuse
-  memory already resident, so it can read low, never high).
+  activations are `max_memory_allocated` above the memory in use before the call; on CPU, where torch keeps
+  no such counter, a second call runs under the torch profiler with memory tracking, and the peak is the
+  maximum of the running sum of every allocation and free in time order (the process's resident size would
+  not show it: the allocator reuses memory it already holds).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,46 +71,20 @@ def measure(pipe, run: Callable[[], object], images: int, device: torch.device |
         seconds = time.perf_counter() - start
         activations = torch.cuda.max_memory_allocated(device) - before
     else:
-        with _RSSPeak() as peak:
-            start = time.perf_counter()
-            run()
-            seconds = time.perf_counter() - start
-        activations = peak.growth
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+        activations = _cpu_activation_peak(run)
     return Cost(count, weight_bytes, seconds / images, weight_bytes + max(0, activations))
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * _PAGE
+def _cpu_activation_peak(run: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
 
-
-try:
-    import os
-
-    _PAGE = os.sysconf("SC_PAGE_SIZE")
-except (AttributeError, ValueError, OSError):  # not Linux: no /proc either
-    _PAGE = 4096
-
-
-class _RSSPeak:
-    def __enter__(self):
-        self.growth, self._stop = 0, threading.Event()
-        try:
-            self._base = _rss()
-        except OSError:
-            self._thread = None
-            return self
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.growth = max(self.growth, _rss() - self._base)
-            self._stop.wait(0.002)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self.growth = max(self.growth, _rss() - self._base)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage  # frees are events of their own, with negative usage
+        peak = max(peak, live)
+    return peak

@@ -66,7 +66,9 @@ def load_members(
     pipe, toy = load_base(base, template)
     unets = [pipe.unet]
     for model in models:
-        unet = UNet2DConditionModel.from_config(pipe.unet.config).to(pipe.unet.dtype)
+        unet = UNet2DConditionModel.from_config(pipe.unet.config)
+        if unet.dtype != pipe.unet.dtype:
+            unet = unet.to(pipe.unet.dtype)
         stream_unet_weights(unet, model)
         unets.append(unet)
     paths = [Path(base), *(Path(m) for m in models)]
