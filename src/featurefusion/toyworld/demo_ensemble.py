@@ -154,8 +154,8 @@ def ensemble_section(state, alignment: dict[str, dict[str, float]]) -> list[str]
         f"{state.config.evaluation.steps} steps with classifier-free guidance, {state.config.evaluation.precision}), "
         "after a warm-up call. Parameters held count every distinct tensor once (the ensembles share the base's "
         "text encoder); peak memory is the weights plus the activations' peak (the torch profiler's allocation "
-        "record of a second call). Every merge has the base's architecture, so the first row is the cost of the base, of each "
-        "specialist and of every merge row above.",
+        "record of a second call). Every merge has the base's architecture, so the first row is the cost of the "
+        "base, of each specialist and of every merge row above.",
         "",
         markdown_table(rows, list(next(iter(rows.values()))), fmt="{:.3g}", bold_best=False, first_header="model"),
         "",
