@@ -60,6 +60,13 @@ class FolderData:
         self.description = f"{folder}: {len(self.items)} captioned images at {resolution} px"
         self.resolution, self.seed = resolution, seed
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        # One permutation per epoch, a function of (seed, epoch) only; the latest one is kept.
+        if getattr(self, "_epoch", None) != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._permutation = epoch, torch.randperm(len(self.items), generator=generator)
+        return self._permutation
+
     def batch(self, step: int, size: int) -> tuple[list[str], torch.Tensor]:
         from featurefusion.train.finetune import load_training_image
 
@@ -67,8 +74,7 @@ class FolderData:
         picks = []
         for position in range(step * size, (step + 1) * size):
             epoch, index = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            picks.append(self.items[int(order[index])])
+            picks.append(self.items[int(self._order(epoch)[index])])
         images = torch.stack([load_training_image(item.path, self.resolution) for item in picks])
         return [item.caption for item in picks], images
 
