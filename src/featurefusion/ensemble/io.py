@@ -40,8 +40,14 @@ class Members:
     paths: list[Path]
     toy: bool  # the built-in world's pipeline (pixels, no VAE) rather than a diffusers one
 
-    def refs(self) -> list[dict]:
-        return [{"path": str(p), "sha256": model_hash(p)} for p in self.paths]
+    def refs(self, folder: str | os.PathLike | None = None) -> list[dict]:
+        """Each member's path as given, its path from `folder` (the AFA folder, so that a folder shipped next to
+        its members still finds them), and its SHA-256."""
+        refs = [{"path": str(p), "sha256": model_hash(p)} for p in self.paths]
+        if folder is not None:
+            for ref, path in zip(refs, self.paths, strict=True):
+                ref["from_folder"] = os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+        return refs
 
 
 def is_toy_pipeline(path: Path) -> bool:
@@ -130,9 +136,11 @@ def resolve_members(folder: str | os.PathLike, config: dict, verify: bool = True
     """Member paths as recorded (or relative to the AFA folder), each checked against its SHA-256."""
     paths = []
     for ref in config["members"]:
-        path = Path(ref["path"])
-        if not path.is_absolute() and (Path(folder) / path).exists():
-            path = Path(folder) / path  # a path relative to the AFA folder (the shipped one's are)
+        # Where the member lies seen from the AFA folder comes first (a folder shipped or moved together with
+        # its members), then the path as it was given.
+        candidates = [Path(folder) / ref["from_folder"]] if "from_folder" in ref else []
+        candidates.append(Path(ref["path"]))
+        path = next((c for c in candidates if c.exists()), candidates[-1])
         if not path.exists():
             raise EnsembleError(f"{folder}: member model {ref['path']} not found")
         if verify and model_hash(path) != ref["sha256"]:

@@ -99,7 +99,7 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
     start_step = 0
     if resume:
         start_step = _resume(accelerator, state_dir, config)
-    member_refs = members.refs() if accelerator.is_main_process else []
+    member_refs = members.refs(out) if accelerator.is_main_process else []
     noise_scheduler = pipe.scheduler
     shard = config.batch_size // world
     rank = accelerator.process_index
