@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featurefusion.cli import ensemble
+
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="draw images from a checkpoint (any layout) with a diffusers pipeline")
     p.set_defaults(handler=cmd_sample)
-    p.add_argument("checkpoint", help="diffusers pipeline folder or hub id, ldm .safetensors/.ckpt, or UNet file")
+    p.add_argument(
+        "checkpoint", nargs="?", help="diffusers pipeline folder or hub id, ldm .safetensors/.ckpt, or UNet file"
+    )
     p.add_argument("--prompts", type=Path, required=True, help="prompt file: one per line, or a JSON/YAML list")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs, manifest.json and grid.png")
     add_sampler_args(p)
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    ensemble.add_sample_args(p)
 
     p = sub.add_parser("evaluate", help="score every model on every task (a models x tasks matrix per metric)")
     p.set_defaults(handler=cmd_evaluate)
@@ -104,7 +109,13 @@ def sampler_settings(args):
 def cmd_sample(args) -> None:
     from accelerate import PartialState
 
+    from featurefusion.errors import FeatureFusionError
     from featurefusion.evaluate.sampling import sample
+
+    if ensemble.wants_ensemble(args):
+        return ensemble.cmd_sample_ensemble(args)
+    if not args.checkpoint:
+        raise FeatureFusionError("give a CHECKPOINT to sample (or --ensemble AFA_DIR / --ensemble-average MODEL...)")
 
     result = sample(
         args.checkpoint,

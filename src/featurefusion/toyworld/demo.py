@@ -32,6 +32,7 @@ from featurefusion.merge.search import (
     search_merges,
 )
 from featurefusion.progress import bar_disabled
+from featurefusion.toyworld.demo_ensemble import ensemble_section, ensemble_steps
 from featurefusion.toyworld.models import load_pipeline
 from featurefusion.toyworld.scorer import load_scorer
 from featurefusion.toyworld.train import SPECIALIST_TASKS
@@ -162,6 +163,7 @@ def _plan(config: DemoConfig):
     if config.greedy:
         steps += [("greedy soup", _greedy("Greedy soup", False)),
                   ("reverse-greedy soup", _greedy("Reverse-greedy soup", True))]  # fmt: skip
+    steps += ensemble_steps(config)
     if config.unlearning:
         steps += [(f"unlearn {name}", _unlearn(i + 1, name)) for i, name in enumerate(config.specialists)]
     if config.ablation:
@@ -383,6 +385,7 @@ def write_report(state: DemoState, seconds: float) -> Path:
         lines += _searches_section(state)
     if state.greedy:
         lines += _greedy_section(state)
+    lines += ensemble_section(state, alignment)
     lines += _timing_section(state)
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")

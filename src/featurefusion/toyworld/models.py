@@ -15,6 +15,7 @@ as in the paper, where only the UNet is fine-tuned.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -117,12 +118,21 @@ class ToyPipeline(DiffusionPipeline):
             noise = _per_image_noise(seed, start, len(batch))
             x = noise * scheduler.init_noise_sigma
             context = torch.cat([uncond.expand(len(batch), -1, -1), cond])
-            for t in scheduler.timesteps:
-                eps_uncond, eps_cond = self.unet(torch.cat([x, x]), t, context).sample.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                x = scheduler.step(eps, t, x).prev_sample
+            with _prompts_for(self.unet, batch):
+                for t in scheduler.timesteps:
+                    eps_uncond, eps_cond = self.unet(torch.cat([x, x]), t, context).sample.chunk(2)
+                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                    x = scheduler.step(eps, t, x).prev_sample
             out.append(x.clamp(-1, 1))
         return torch.cat(out)
+
+
+def _prompts_for(unet, prompts: list[str]):
+    # A denoiser that routes by prompt text (featurefusion.ensemble's keyword routing) is told the prompts.
+    route = getattr(unet, "route", None)
+    if route is None or getattr(unet, "router", None) is None:
+        return contextlib.nullcontext()
+    return route(prompts)
 
 
 def _per_image_noise(seed: int, start: int, count: int) -> torch.Tensor:

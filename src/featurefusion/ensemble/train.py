@@ -1,0 +1,192 @@
+"""Training AFA aggregators on the denoising loss (AFA §3.4): the member U-Nets stay frozen.
+
+Defaults are the paper's: AdamW, learning rate 1e-4, weight decay 0.01, the prompt dropped (empty) with
+probability 0.1 so that the ensemble supports classifier-free guidance.
+
+Data-parallel with accelerate: every step has one global batch (a pure function of the seed and the step);
+each process takes an equal slice and accelerate averages the gradients, so N processes take the same steps
+as one process on the whole batch. State (aggregators, optimizer, step) is saved under `AFA_DIR/state/`
+every `save_every` steps and at the end; `resume` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from featurefusion.ensemble.io import Members, save_aggregators
+from featurefusion.ensemble.unet import AFAUNet, EnsembleError
+from featurefusion.io.atomic import write_json_atomic
+from featurefusion.progress import bar_disabled
+
+STATE = "state"
+
+
+@dataclass(frozen=True)
+class AFATrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # global, over all processes
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    uncond_prob: float = 0.1
+    hidden_cap: int = 320  # aggregator width d = min(block channels, hidden_cap)
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # also save resumable state every this many steps (0: at the end only)
+    precision: str = "fp32"  # "bf16": forward under CPU/GPU autocast to bfloat16
+    save_dtype: str = "fp32"
+    max_seconds: float = 0.0  # stop (and save) after this much training time, before `steps` if need be; 0: no limit
+
+
+@dataclass
+class TrainResult:
+    folder: Path
+    start_step: int
+    losses: list[float] = field(default_factory=list)  # mean loss over all processes, one per step run
+    seconds: float = 0.0
+    end_step: int = 0
+    aggregators: object = None  # the trained AggregatorSet
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids  # fmt: skip
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def drop_prompts(prompts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    drop = torch.rand(len(prompts), generator=generator) < probability
+    return ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+
+
+def train_aggregators(members: Members, data, out: str | os.PathLike, config: AFATrainConfig = AFATrainConfig(),
+                      resume: bool = False, progress: bool | None = None, accelerator=None) -> TrainResult:  # fmt: skip
+    """Train the aggregators of an ensemble of `members` on `data` and save them to `out`."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out)
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    world = accelerator.num_processes
+    if config.batch_size % world:
+        raise EnsembleError(f"batch size {config.batch_size} is not a multiple of the {world} processes")
+    state_dir = out / STATE
+    if not resume and (out / "afa.json").exists():
+        raise EnsembleError(f"{out} already holds aggregators: pass --resume to continue, or choose another folder")
+    set_seed(config.seed)  # the aggregators' random init (their last conv is zero either way)
+    ensemble = AFAUNet(members.unets, hidden_cap=config.hidden_cap)
+    ensemble.aggregators.train()
+    optimizer = torch.optim.AdamW(ensemble.aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    pipe = members.pipe
+    device = accelerator.device
+    ensemble.to(device)
+    pipe.text_encoder.to(device).requires_grad_(False)
+    vae = getattr(pipe, "vae", None)
+    if vae is not None:
+        vae.to(device).requires_grad_(False)
+    ensemble, optimizer = accelerator.prepare(ensemble, optimizer)
+    start_step = 0
+    if resume:
+        start_step = _resume(accelerator, state_dir, config)
+    member_refs = members.refs(out) if accelerator.is_main_process else []
+    noise_scheduler = pipe.scheduler
+    shard = config.batch_size // world
+    rank = accelerator.process_index
+    result = TrainResult(out, start_step)
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, config.steps), desc="AFA aggregators", initial=start_step, total=config.steps,
+               disable=bar_disabled(progress) if accelerator.is_main_process else True)  # fmt: skip
+    for step in bar:
+        prompts, images = data.batch(step, config.batch_size)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        prompts = drop_prompts(prompts, config.uncond_prob, gen)
+        rows = slice(rank * shard, (rank + 1) * shard)
+        with torch.no_grad():
+            targets = _latents(pipe, images, gen).to(device)
+            noise = torch.randn(targets.shape, generator=gen).to(device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(targets),), generator=gen)
+            targets, noise, t = targets[rows], noise[rows], t[rows].to(device)
+            noisy = noise_scheduler.add_noise(targets, noise, t)
+            context = encode_prompts(pipe, prompts[rows])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            prediction = ensemble(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(accelerator.unwrap_model(ensemble).aggregators.parameters(), config.grad_clip)
+        optimizer.step()
+        mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+        result.losses.append(mean_loss)
+        bar.set_postfix(loss=f"{sum(result.losses[-20:]) / len(result.losses[-20:]):.4f}")
+        done = step + 1
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            _save_state(accelerator, state_dir, done, config)
+        if config.max_seconds and _out_of_time(accelerator, started, config.max_seconds):
+            break
+    bar.close()
+    result.seconds = time.perf_counter() - started
+    result.end_step = start_step + len(result.losses)
+    _save_state(accelerator, state_dir, result.end_step, config)
+    if accelerator.is_main_process:
+        training = {**asdict(config), "data": getattr(data, "description", type(data).__name__),
+                    "processes": world, "steps_done": result.end_step,
+                    "seconds_this_run": round(result.seconds, 1)}  # fmt: skip
+        save_aggregators(out, accelerator.unwrap_model(ensemble).aggregators, member_refs, training,
+                         _DTYPES[config.save_dtype])  # fmt: skip
+    accelerator.wait_for_everyone()
+    result.aggregators = accelerator.unwrap_model(ensemble).aggregators
+    return result
+
+
+def _out_of_time(accelerator, started: float, limit: float) -> bool:
+    # Every process must stop at the same step: the main process's clock decides.
+    flag = torch.tensor([float(time.perf_counter() - started > limit)], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _latents(pipe, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    vae = getattr(pipe, "vae", None)
+    if vae is None:  # the built-in world denoises pixels
+        return images
+    images = images.to(vae.device, vae.dtype)
+    # The posterior mean, not a draw: the SD VAE's posterior is narrow, and the batch stays a pure function of the step.
+    # The VAE hands back channels-last latents; torch 2.13's CPU backward through the ensemble crashes on them.
+    return (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).contiguous()
+
+
+def _save_state(accelerator, state_dir: Path, step: int, config: AFATrainConfig) -> None:
+    tmp = state_dir.with_name(f".{STATE}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "progress.json", {"step": step, "config": asdict(config)})
+        shutil.rmtree(state_dir, ignore_errors=True)
+        os.replace(tmp, state_dir)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, state_dir: Path, config: AFATrainConfig) -> int:
+    progress = state_dir / "progress.json"
+    if not progress.is_file():
+        raise EnsembleError(f"{state_dir}: no saved training state to resume from")
+    saved = json.loads(progress.read_text())
+    for key in ("batch_size", "lr", "weight_decay", "hidden_cap", "seed", "uncond_prob"):
+        if saved["config"].get(key) != getattr(config, key):
+            raise EnsembleError(f"{state_dir}: saved with {key}={saved['config'].get(key)}, "
+                                f"this run has {getattr(config, key)}; resume with the same settings")  # fmt: skip
+    accelerator.load_state(str(state_dir))
+    return int(saved["step"])
