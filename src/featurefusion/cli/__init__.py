@@ -11,10 +11,10 @@ import logging
 import sys
 
 from featurefusion import __version__
-from featurefusion.cli import evaluation, merging, toyworld, training
+from featurefusion.cli import distilling, evaluation, merging, toyworld, training
 from featurefusion.errors import FeatureFusionError
 
-GROUPS = (merging, toyworld, evaluation, training)
+GROUPS = (merging, toyworld, evaluation, training, distilling)
 
 
 def build_parser() -> argparse.ArgumentParser:
