@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--images", type=int, default=24, help="test images per task")
     parser.add_argument("--out", type=Path, default=Path("runs/dmm-incremental"))
+    parser.add_argument("--data", default="toyworld:teachers", help="common data (see docs/distill.md)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,14 +69,20 @@ def main() -> None:
         teachers.setdefault("alignment", {})[name] = r.alignment()[name]
         teachers.setdefault("fid", {})[name] = r.fid()[name]
     rows["#0 teachers (each on its own task)"] = teachers
+
+    def train(names):
+        return lambda o: distill(SHIPPED / "base", teacher_args(names), o, config, args.data, overwrite=True)
+
+    def add(regularization):
+        return lambda o: add_teachers(args.out / "1", teacher_args(NEW), o, config, args.data,
+                                      regularization=regularization, overwrite=True)  # fmt: skip
+
     runs = [
-        ("#1 train 4", lambda o: distill(SHIPPED / "base", teacher_args(OLD), o, config, overwrite=True)),
-        ("#2 train 7", lambda o: distill(SHIPPED / "base", teacher_args(SPECIALIST_TASKS), o, config, overwrite=True)),
-        ("#3 fine-tune 4+3, no regularisation", lambda o: add_teachers(args.out / "1", teacher_args(NEW), o, config,
-                                                                        regularization=False, overwrite=True)),
-        ("#4 fine-tune 4+3, regularised", lambda o: add_teachers(args.out / "1", teacher_args(NEW), o, config,
-                                                                  regularization=True, overwrite=True)),
-    ]  # fmt: skip
+        ("#1 train 4", train(OLD)),
+        ("#2 train 7", train(SPECIALIST_TASKS)),
+        ("#3 fine-tune 4+3, no regularisation", add(False)),
+        ("#4 fine-tune 4+3, regularised", add(True)),
+    ]
     for i, (label, run) in enumerate(runs, start=1):
         t0 = time.perf_counter()
         run(args.out / str(i))
@@ -87,7 +94,7 @@ def main() -> None:
     fid = {k: v["fid"] for k, v in rows.items()}
     text = [
         f"Command: python benchmarks/dmm_incremental.py --steps {args.steps} --batch-size {args.batch_size} "
-        f"--images {args.images}; {time.perf_counter() - start:.0f} s in all.",
+        f"--images {args.images} --data {args.data}; {time.perf_counter() - start:.0f} s in all.",
         "",
         "Prompt alignment (%) of each style on its teacher's task (– : style not in the student):",
         "",

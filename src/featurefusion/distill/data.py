@@ -52,6 +52,47 @@ class ToyWorldData:
         return [s.prompt for s in sample_specs(self.task, n, seed=seed, split="train")]
 
 
+class ToyWorldTeacherData:
+    """The built-in world's uniform data, with `share` of teacher i's batches drawn from teacher i's own task
+    (a specialist is named after its task; a teacher without one, such as the base, gets uniform data only).
+
+    The paper distils on a common dataset alone, with 100k steps. At a few hundred CPU steps that gives each
+    teacher only a few hundred prompts of its own task, where it differs from the base; this option spends the
+    budget where the teachers differ, as the paper's synthesised second stage does with each teacher's images."""
+
+    def __init__(self, names: list[str], share: float = 0.5):
+        from featurefusion.toyworld.scorer import UNIFORM_TASK
+        from featurefusion.toyworld.world import standard_tasks
+
+        if not 0 <= share <= 1:
+            raise DistillError(f"the own-task share must be in [0, 1], got {share}")
+        tasks = standard_tasks()
+        self.uniform, self.share = UNIFORM_TASK, share
+        self.own = {i: tasks[name] for i, name in enumerate(names) if name in tasks and name != "broad"}
+        self.description = f"toyworld:teachers:{share:g}"
+
+    def _split(self, size: int, teacher: int | None) -> int:
+        return round(self.share * size) if teacher in self.own else 0
+
+    def batch(self, backbone: Backbone, seed: int, size: int, teacher: int | None = None) -> Batch:
+        from featurefusion.toyworld.world import make_batch
+
+        n_own = self._split(size, teacher)
+        specs, images = make_batch(self.uniform, size - n_own, seed=seed, split="train")
+        if n_own:
+            own_specs, own_images = make_batch(self.own[teacher], n_own, seed=seed, split="train")
+            specs, images = [*own_specs, *specs], torch.cat([own_images, images])
+        return Batch(images, [s.prompt for s in specs])
+
+    def prompts(self, n: int, seed: int, teacher: int | None = None) -> list[str]:
+        from featurefusion.toyworld.world import sample_specs
+
+        n_own = self._split(n, teacher)
+        own = sample_specs(self.own[teacher], n_own, seed=seed, split="train") if n_own else []
+        rest = sample_specs(self.uniform, n - n_own, seed=seed, split="train")
+        return [s.prompt for s in [*own, *rest]]
+
+
 class FolderData:
     def __init__(self, folder: str | Path, resolution: int):
         from featurefusion.train.sources import read_captioned_folder
@@ -104,10 +145,14 @@ def synthesize_sets(
     guidance: float = 1.5,
     batch_size: int = 128,
 ) -> SynthData:
-    """`count` images per teacher (by style index), from the common data's prompts (the same for every teacher)."""
-    prompts = common.prompts(count, seed)
+    """`count` images per teacher (by style index), from the common data's prompts (the same for every teacher,
+    unless the data draws part of each teacher's prompts from its own task)."""
     sets = {}
     for i, teacher in teachers.items():
+        if isinstance(common, ToyWorldTeacherData):
+            prompts = common.prompts(count, seed, teacher=i)
+        else:
+            prompts = common.prompts(count, seed)
         chunks = [
             backbone.synthesize(teacher, prompts[s : s + batch_size], seed * 7919 + i * 104_729 + s, steps, guidance)
             for s in range(0, count, batch_size)
@@ -116,12 +161,20 @@ def synthesize_sets(
     return SynthData(sets, common)
 
 
-def open_data(spec: str | None, backbone: Backbone, resolution: int | None = None):
-    """`--data`: a captioned folder, `toyworld` / `toyworld:TASK`, or None (the built-in world for a toy base)."""
+def open_data(spec: str | None, backbone: Backbone, resolution: int | None = None, names: list[str] | None = None):
+    """`--data`: a captioned folder, `toyworld` / `toyworld:TASK` / `toyworld:teachers[:SHARE]`, or None (the
+    built-in world's uniform data for a toy base). `names` are the styles, for `toyworld:teachers`."""
     if spec is None or spec.startswith("toyworld"):
         if not backbone.toy:
             raise DistillError("a Stable Diffusion base needs --data FOLDER (a captioned image folder)")
-        return ToyWorldData((spec or "").partition(":")[2] or "uniform")
+        task = (spec or "").partition(":")[2] or "uniform"
+        if task.startswith("teachers"):
+            share = task.partition(":")[2]
+            try:
+                return ToyWorldTeacherData(names or [], float(share) if share else 0.5)
+            except ValueError:
+                raise DistillError(f"cannot read the own-task share in --data {spec}") from None
+        return ToyWorldData(task)
     if backbone.vae is None:  # the UNet works on pixels
         size = resolution or backbone.unet.config.sample_size
     else:

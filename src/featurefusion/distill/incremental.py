@@ -41,9 +41,9 @@ def add_teachers(
     config = config or DistillConfig()
     config.validate()
     backbone = load_backbone(student_folder)  # text encoder, scheduler (and VAE) as the student was saved with
-    common = open_data(data, backbone)
-    check_teachers(named, backbone)
     student, meta = load_student(student_folder)
+    common = open_data(data, backbone, names=[*student.names, *(n for n, _ in named)])
+    check_teachers(named, backbone)
     old = len(student.names)
     frozen = copy.deepcopy(student).eval().requires_grad_(False)
     student.prompts.add([n for n, _ in named], seed=config.seed + old)

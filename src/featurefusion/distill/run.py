@@ -40,6 +40,21 @@ class DistillResult:
     steps_run: int
 
 
+def loss_log(history: History, points: int = 50) -> dict:
+    """Mean losses over up to `points` equal windows of the run (the whole history would bloat student.json)."""
+    n = len(history.steps)
+    if not n:
+        return {}
+    edges = [round(i * n / min(points, n)) for i in range(min(points, n) + 1)]
+    out: dict[str, list] = {"step": [], "score": [], "feat": [], "adv": [], "disc": []}
+    for a, b in zip(edges, edges[1:], strict=False):
+        out["step"].append(history.steps[b - 1])
+        for key in ("score", "feat", "adv", "disc"):
+            values = getattr(history, key)[a:b]
+            out[key].append(round(sum(values) / len(values), 6))
+    return out
+
+
 def state_dir(output: Path) -> Path:
     return Path(f"{output}.state")
 
@@ -90,9 +105,9 @@ def distill(
     config = config or DistillConfig()
     config.validate()
     backbone = load_backbone(base)
-    common = open_data(data, backbone)
-    check_teachers(named, backbone)
     names = [n for n, _ in named]
+    common = open_data(data, backbone, names=names)
+    check_teachers(named, backbone)
     student = StudentUNet.from_base(backbone.unet, names, seed=config.seed)
     supervisors = [
         Supervisor(name, (lambda p=path: load_teacher(p, backbone.unet)), style=i)
@@ -147,7 +162,8 @@ def train_and_save(
     seconds = time.perf_counter() - start
     if trainer.rank == 0:
         training = {**asdict(config), "processes": trainer.world, "slots": trainer.slots, "seconds": round(seconds, 1)}
-        save_student(final, output, backbone.folder, {**meta, "training": training}, save_dtype)
+        meta = {**meta, "training": training, "losses": loss_log(trainer.history)}
+        save_student(final, output, backbone.folder, meta, save_dtype)
         shutil.rmtree(states, ignore_errors=True)
     if trainer.world > 1:
         dist.barrier()
