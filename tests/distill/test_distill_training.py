@@ -6,6 +6,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
 
 from featurefusion.distill.incremental import add_teachers
 from featurefusion.distill.run import distill

@@ -1,4 +1,5 @@
 import pytest
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
 
 from featurefusion.distill.backbone import DistillError
 from featurefusion.distill.data import ToyWorldData, ToyWorldTeacherData, open_data

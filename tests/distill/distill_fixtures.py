@@ -1,5 +1,6 @@
-"""Tiny distillation setups on the built-in world's shipped base: teachers are the base with seeded
-perturbations (as fine-tunes are), saved as UNet weight files."""
+"""Fixtures of the distillation tests, star-imported by the test modules (a conftest.py here would shadow the
+root one, whose helpers other tests import as `conftest`). Teachers are the built-in world's shipped base with
+seeded perturbations (as fine-tunes are), saved as UNet weight files."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
 
 from featurefusion.distill.backbone import load_teacher
 from featurefusion.distill.data import ToyWorldData

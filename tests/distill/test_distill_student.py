@@ -1,5 +1,6 @@
 import pytest
 import torch
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
 
 from featurefusion.distill.store import load_student, save_student
 from featurefusion.distill.student import StudentUNet, StyleError, fold_style, parse_style

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
 from safetensors.torch import load_file
 
 from featurefusion.cli import main
