@@ -135,9 +135,10 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed() -> None:
-    """Join the process group torchrun / accelerate launch describe in the environment (no-op alone)."""
+    """Join the process group torchrun / accelerate launch describe in the environment (no-op alone). Gloo:
+    the trainer keeps its tensors on the CPU (device placement is not implemented yet)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")
 
 
 class Trainer:
