@@ -12,10 +12,10 @@ import signal
 import sys
 
 from featurefusion import __version__
-from featurefusion.cli import ensemble, evaluation, merging, toyworld, training
+from featurefusion.cli import distilling, ensemble, evaluation, merging, toyworld, training
 from featurefusion.errors import FeatureFusionError
 
-GROUPS = (merging, toyworld, evaluation, training, ensemble)
+GROUPS = (merging, toyworld, evaluation, training, ensemble, distilling)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -23,6 +23,7 @@ def register(sub) -> None:
     add_sampler_args(p)
     p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
     ensemble.add_sample_args(p)
+    p.add_argument("--style", help="a DMM student's style: NAME, or a mix a=0.5,b=0.5 (featurefusion distill)")
 
     p = sub.add_parser("evaluate", help="score every model on every task (a models x tasks matrix per metric)")
     p.set_defaults(handler=cmd_evaluate)
@@ -117,6 +118,10 @@ def cmd_sample(args) -> None:
     if not args.checkpoint:
         raise FeatureFusionError("give a CHECKPOINT to sample (or --ensemble AFA_DIR / --ensemble-average MODEL...)")
 
+    if args.style is not None or _is_student(args.checkpoint):
+        from featurefusion.cli.distilling import sample_student
+
+        return sample_student(args, sampler_settings(args))
     result = sample(
         args.checkpoint,
         args.prompts,
@@ -131,6 +136,12 @@ def cmd_sample(args) -> None:
         print(f"manifest: {result.manifest}")
         if result.grid:
             print(f"grid: {result.grid}")
+
+
+def _is_student(checkpoint: str) -> bool:
+    from featurefusion.distill.store import is_student
+
+    return is_student(checkpoint)
 
 
 def cmd_evaluate(args) -> None:

@@ -32,6 +32,7 @@ from featurefusion.merge.search import (
     search_merges,
 )
 from featurefusion.progress import bar_disabled
+from featurefusion.toyworld import demo_distill
 from featurefusion.toyworld.demo_ensemble import ensemble_section, ensemble_steps
 from featurefusion.toyworld.models import load_pipeline
 from featurefusion.toyworld.scorer import load_scorer
@@ -160,6 +161,7 @@ def _plan(config: DemoConfig):
     steps += [(name, _searched_method(name)) for name in config.searched_methods]
     if config.block_search and "task-arithmetic" in config.searched_methods:
         steps += [("block weights", _block_weights)]
+    steps += demo_distill.plan(config)
     if config.greedy:
         steps += [("greedy soup", _greedy("Greedy soup", False)),
                   ("reverse-greedy soup", _greedy("Reverse-greedy soup", True))]  # fmt: skip
@@ -373,6 +375,7 @@ def write_report(state: DemoState, seconds: float) -> Path:
         "![samples](grid.png)",
         "",
     ]
+    lines += demo_distill.report_section(state, alignment)
     if state.unlearned:
         lines += _unlearning_section(state, alignment)
     if state.ablation:

@@ -1,0 +1,95 @@
+"""The CLI: distill, --add, sample --style, export; bad input leaves nothing behind."""
+
+import json
+
+import pytest
+import torch
+from distill_fixtures import *  # noqa: F403 (the fixtures backbone, teachers)
+from safetensors.torch import load_file
+
+from featurefusion.cli import main
+from featurefusion.toyworld.demo import SHIPPED
+
+BASE = SHIPPED / "base"
+
+FAST = ["--steps", "2", "--batch-size", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def student(teachers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "student"
+    assert main(["distill", str(BASE), f"a={teachers[0]}", f"b={teachers[1]}", "-o", str(out), *FAST]) == 0
+    return out
+
+
+def test_distill_writes_a_student(student, capsys):
+    meta = json.loads((student / "student.json").read_text())
+    assert meta["styles"] == ["a", "b"] and meta["training"]["steps"] == 2
+    assert (student / "model_index.json").is_file()
+
+
+def test_add_teachers(student, teachers, tmp_path):
+    out = tmp_path / "more"
+    assert main(["distill", "--add", f"c={teachers[2]}", "--from", str(student), "-o", str(out), *FAST,
+                 "--no-regularization"]) == 0  # fmt: skip
+    assert json.loads((out / "student.json").read_text())["styles"] == ["a", "b", "c"]
+
+
+def test_sample_with_a_style_and_a_mix(student, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle , plain\na blue square , dark\n")
+    for style in ("a", "a=0.5,b=0.5"):
+        out = tmp_path / f"samples-{style}"
+        assert main(["sample", str(student), "--style", style, "--prompts", str(prompts), "--out", str(out),
+                     "--steps", "2", "--no-progress"]) == 0  # fmt: skip
+        assert len(list(out.glob("0*.png"))) == 2 and (out / "manifest.json").is_file()
+
+
+def test_export_folds_the_style(student, tmp_path):
+    from featurefusion.distill.store import load_student
+    from featurefusion.distill.student import fold_style
+
+    out = tmp_path / "style-b.safetensors"
+    assert main(["distill", "export", str(student), "--style", "b", "-o", str(out), "--no-progress"]) == 0
+    state = load_file(out)
+    loaded, _ = load_student(student)
+    expected = fold_style(loaded, "b").time_embedding.linear_2.bias
+    assert torch.allclose(state["time_embedding.linear_2.bias"].float(), expected, atol=1e-6)
+
+
+def test_bad_inputs_are_one_line_errors_and_write_nothing(student, teachers, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from featurefusion.toyworld.train import save_unet_file
+
+    other = tmp_path / "other-arch.safetensors"  # another UNet: fewer blocks, other widths
+    arch = dict(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        norm_num_groups=16,
+    )
+    save_unet_file(UNet2DConditionModel(**arch), other, dtype=torch.float32)
+    out = tmp_path / "never"
+    assert main(["distill", str(BASE), str(teachers[0]), str(other), "-o", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "not the base's architecture" in err and "other-arch.safetensors" in err
+    assert not out.exists() and not list(tmp_path.glob(".never*"))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["distill", str(BASE), str(teachers[0]), "-o", str(out), "--data", str(empty), *FAST]) == 2
+    assert "no images" in capsys.readouterr().err and not out.exists()
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle , plain\n")
+    assert main(["sample", str(student), "--style", "zzz", "--prompts", str(prompts), "--out",
+                 str(tmp_path / "s")]) == 2  # fmt: skip
+    assert "unknown style 'zzz'" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert main(["distill", "export", str(student), "--style", "zzz", "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "unknown style" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
