@@ -132,8 +132,10 @@ class OutputEnsembleUNet(nn.Module):
             rows = weights[:, i].nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            part = _rows(sample, rows), _rows(timestep, rows), encoder_hidden_states[rows]
-            eps = unet(*part, *args, return_dict=False, **kwargs)[0]
+            batch = sample.shape[0]
+            part = _rows(sample, rows, batch), _rows(timestep, rows, batch), encoder_hidden_states[rows]
+            extra = {k: _rows(v, rows, batch) for k, v in kwargs.items()}  # e.g. SDXL's added_cond_kwargs
+            eps = unet(*part, *args, return_dict=False, **extra)[0]
             contribution = weights[rows, i].view(-1, 1, 1, 1).to(eps.dtype) * eps
             if out is None:
                 out = torch.zeros(sample.shape[0], *eps.shape[1:], dtype=eps.dtype, device=eps.device)
@@ -143,7 +145,10 @@ class OutputEnsembleUNet(nn.Module):
         return UNet2DConditionOutput(sample=out)
 
 
-def _rows(value, rows: torch.Tensor):
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] > 1:
+def _rows(value, rows: torch.Tensor, batch: int):
+    """The routed rows of a per-sample tensor (or of every such tensor in a dict); anything else unchanged."""
+    if isinstance(value, dict):
+        return {k: _rows(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch and batch > 1:
         return value[rows]
     return value
