@@ -149,6 +149,20 @@ class FeatureFusion:
         self.dropped_model = dropped_model
         self.degenerate_rows = 0
         self.layers = 0
+        self._buffer = torch.empty(0)
+
+    def _stack(self, weights: list[torch.Tensor], rows: slice, n: int) -> torch.Tensor:
+        """K = [W_1; ...; W_N] in float32, in a buffer reused across layers: a fresh multi-GB allocation per
+        layer would be a fresh mapping, every page of which faults on first touch. Nothing keeps a view of
+        it past the layer (merged weights are new tensors)."""
+        d = weights[0][rows].reshape(n, -1).shape[1]
+        size = len(weights) * n * d
+        if self._buffer.numel() < size:
+            self._buffer = torch.empty(size)
+        stack = self._buffer[:size].view(len(weights) * n, d)
+        for m, w in enumerate(weights):
+            stack[m * n : (m + 1) * n].copy_(w[rows].reshape(n, -1))
+        return stack
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         weights = tensors.get("weight")
@@ -164,7 +178,7 @@ class FeatureFusion:
         merged_w, merged_b = [], []
         for part in range(parts):
             rows = slice(part * n, (part + 1) * n)
-            stack = torch.cat([w[rows].reshape(n, -1) for w in weights]).float()
+            stack = self._stack(weights, rows, n)
             bias_stack = None if biases is None else torch.cat([b[rows] for b in biases]).float()
             name = module if parts == 1 else f"{module}#{part}"
             if self.replay is not None:

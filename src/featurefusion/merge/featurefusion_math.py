@@ -92,17 +92,25 @@ class FeatureFusionOptions:
 class LayerStatistics:
     """What the coefficients of a layer are made from.
 
-    Either `unit` (unit-length feature rows, P computed on demand) or `correlation` (P of the base rows with
-    every neuron, as stored for unlearning) is set."""
+    One of `unit` (unit-length feature rows, P computed on demand; dense path), `features` (the rows before
+    normalising, which in exact mode are the weights themselves, so nothing is copied; sparse path) or
+    `correlation` (P of the base rows with every neuron, as stored for unlearning) is set."""
 
     sigma: torch.Tensor  # [N*n] feature scale of every neuron (only ratios matter)
     unit: torch.Tensor | None = None  # [N*n, d'] unit-length feature rows
+    features: torch.Tensor | None = None  # [N*n, d'] feature rows, of norm sigma
     correlation: torch.Tensor | None = None  # [n, N*n] Pearson P of base neurons with every neuron
     column_l1: torch.Tensor | None = None  # [N, N*n] per model block: sum over its rows of |C| / c_j (column mode)
 
     def correlation_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """P of the given base neurons with every neuron; a neuron's correlation with itself is exactly 1."""
-        p = self.correlation[rows] if self.correlation is not None else self.unit[rows] @ self.unit.T
+        if self.correlation is not None:
+            p = self.correlation[rows]
+        elif self.unit is not None:
+            p = self.unit[rows] @ self.unit.T
+        else:
+            inverse = inverse_scale(self.sigma)
+            p = (self.features[rows] @ self.features.T).mul_(inverse[rows].unsqueeze(1)).mul_(inverse)
         p[torch.arange(len(rows)), rows] = 1.0
         return p
 
@@ -124,15 +132,22 @@ def layer_statistics(stack: torch.Tensor, n: int, options: FeatureFusionOptions,
         del x
         features -= features.mean(dim=1, keepdim=True)
     sigma = features.norm(dim=1)
+    if options.algorithm == "sparse":
+        stats = LayerStatistics(sigma=sigma, features=features)
+        if options.normalization == "column":
+            r, _ = slope_factors(sigma, options.slope)
+            stats.column_l1 = column_l1_by_block(stats, n, options.threshold, r)
+        return stats
     unit = features / torch.where(sigma > 0, sigma, 1.0).unsqueeze(1)  # zero neurons stay zero
     stats = LayerStatistics(sigma=sigma, unit=unit)
     if options.normalization == "column":
-        if options.algorithm == "sparse":
-            r, _ = slope_factors(sigma, options.slope)
-            stats.column_l1 = column_l1_by_block(stats, n, options.threshold, r)
-        else:
-            stats.column_l1 = _column_l1_by_block(stats, n, options)
+        stats.column_l1 = _column_l1_by_block(stats, n, options)
     return stats
+
+
+def inverse_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """1/sigma, and 0 for a zero neuron (it has no direction: it correlates with nothing)."""
+    return torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
 
 
 def slope_factors(sigma: torch.Tensor, slope: str) -> tuple[torch.Tensor, torch.Tensor]:
