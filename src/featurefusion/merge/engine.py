@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,9 @@ class MergeJob:
     nan_policy: str = "error"
     progress: bool | None = None  # None: show when writing to a terminal
     template: Path | None = None  # pipeline folder to copy configs from when writing --format diffusers
+    # Called once methods have planned (`plan(models, modules)`), before anything is written: the metadata
+    # to write, e.g. with choices the plan made recorded in the recipe.
+    finalize_metadata: Callable[[dict[str, str]], dict[str, str]] | None = None
 
 
 @dataclass
@@ -97,6 +100,10 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         dtype_name = job.dtype or _dtype_name(base)
         out_dtype = DTYPES[dtype_name]
         modules = group_modules(base, components_written(fmt))
+        for method in {id(m): m for m in methods.values()}.values():
+            if hasattr(method, "plan"):  # e.g. FeatureFusion's `auto` picks every layer's threshold
+                method.plan(models, [m for m in modules if methods[m.component] is method])
+        metadata = job.finalize_metadata(job.metadata) if job.finalize_metadata else job.metadata
         entries = [
             (
                 key,
@@ -112,7 +119,7 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
             _return_freed_memory_to_the_system()
         # Weighted sums of whole tensors take the buffer-reusing fast path (see `streaming`).
         items = plan_items(modules, models, methods, out_dtype) if job.nan_policy == "error" else None
-        with CheckpointWriter(plan, job.metadata) as writer:
+        with CheckpointWriter(plan, metadata) as writer:
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
             try:
                 if items is not None:

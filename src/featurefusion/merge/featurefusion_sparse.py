@@ -165,6 +165,10 @@ def exact_correlations(features, inverse, rows: torch.Tensor, cols: torch.Tensor
 
 def thresholded_pairs(stats, n: int, threshold: float, row_blocks: int = 1) -> Pairs:
     """The pairs with |P| >= threshold among the first `row_blocks` blocks of rows and every neuron."""
+    cached = stats.pairs
+    if cached is not None and stats.pairs_floor <= threshold and stats.pairs_row_blocks >= row_blocks:
+        keep = (cached.values.abs() >= threshold) & (cached.rows < row_blocks * n)
+        return Pairs(cached.rows[keep], cached.cols[keep], cached.values[keep])
     d = 0 if stats.features is None else stats.features.shape[1]
     if stats.features is None or threshold - screen_margin(d) - screen_slack(d) <= 0:
         # Stored correlations (unlearning), or a threshold so low that every pair is a candidate.

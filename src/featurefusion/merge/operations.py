@@ -4,7 +4,7 @@ and replay a recipe. Each builds a `MergeJob` and a `Recipe`; the engine does th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from featurefusion.errors import CheckpointError, RecipeError
@@ -238,6 +238,10 @@ def _rule(rule: str) -> str:
 
 
 def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions) -> MergeReport:
+    def finalize(metadata: dict[str, str]) -> dict[str, str]:
+        planned = built.planned_options()
+        return replace(recipe, options={**recipe.options, **planned}).metadata() if planned else metadata
+
     job = MergeJob(
         models=list(models),
         output=Path(output),
@@ -248,6 +252,7 @@ def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions) -> Me
         nan_policy=out.nan_policy,
         progress=out.progress,
         template=out.template,
+        finalize_metadata=finalize if built.planned_options else None,
     )
     try:
         return run_merge(job, side_files=built.side_files)
