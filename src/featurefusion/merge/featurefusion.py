@@ -181,9 +181,10 @@ class FeatureFusion:
             if key is None or len(models[0].ref(key).shape) not in (2, 4):
                 continue
             weights = [m.read(key) for m in models]
-            if not all(bool(torch.isfinite(w).all()) for w in weights):
-                continue  # the merge itself reports (or skips) the module
             for name, stack, n in self._layers(module.name, weights):
+                # A row holding NaN or Inf has a non-finite norm: the merge itself reports (or skips) the module.
+                if not bool(torch.isfinite(stack.norm(dim=1)).all()):
+                    break
                 stats, self.planned[name] = resolve_layer(stack, n, self.options, name)
                 if stats.pairs is not None and stats.features is not None:
                     self._pairs[name] = (stats.pairs, stats.pairs_floor, stats.pairs_row_blocks)
