@@ -80,3 +80,13 @@ def test_unlearning_an_auto_merge_uses_the_recorded_thresholds(tiny, tmp_path):
     operations.merge([tiny.base, tiny.specialists[1]], direct, options=options)
     a, b = unet(unlearned), unet(direct)
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_the_command_line_takes_auto_and_numbers(tiny, tmp_path):
+    from featurefusion.cli import main
+
+    auto, fixed = tmp_path / "auto.safetensors", tmp_path / "fixed.safetensors"
+    assert main(["merge", *map(str, tiny.models), "-o", str(auto), "--threshold", "auto"]) == 0
+    assert main(["merge", *map(str, tiny.models), "-o", str(fixed), "--threshold", "0.8"]) == 0
+    assert recipe(auto).options["threshold"] == "auto" and recipe(auto).options["thresholds"]
+    assert recipe(fixed).options["threshold"] == 0.8 and not recipe(fixed).options["thresholds"]
