@@ -182,10 +182,11 @@ class FeatureFusion:
                 continue
             weights = [m.read(key) for m in models]
             for name, stack, n in self._layers(module.name, weights):
+                stats, threshold = resolve_layer(stack, n, self.options, name)
                 # A row holding NaN or Inf has a non-finite norm: the merge itself reports (or skips) the module.
-                if not bool(torch.isfinite(stack.norm(dim=1)).all()):
+                if not bool(torch.isfinite(stats.sigma).all()):
                     break
-                stats, self.planned[name] = resolve_layer(stack, n, self.options, name)
+                self.planned[name] = threshold
                 if stats.pairs is not None and stats.features is not None:
                     self._pairs[name] = (stats.pairs, stats.pairs_floor, stats.pairs_row_blocks)
 
