@@ -13,7 +13,7 @@ from featurefusion.merge.featurefusion_math import (
     layer_statistics,
     merge_layer,
 )
-from featurefusion.merge.featurefusion_sparse import candidate_pairs, screen_margin
+from featurefusion.merge.featurefusion_sparse import screen_margin, thresholded_pairs
 
 THRESHOLD = 0.7
 GAP = 2e-5  # planted pairs sit this far above or below the threshold: far beyond float32 round-off
@@ -99,20 +99,25 @@ def test_sampled_mode_sparse_equals_dense_near_the_threshold(normalization):
 
 
 def test_the_screen_never_misses_a_pair_on_wide_layers():
-    # Wide layers (d = 4608, as a 512-channel 3x3 conv) with correlations spread over the whole range.
+    # Wide layers (d = 4608, as a 512-channel 3x3 conv): a close fine-tune whose neuron i also leans towards
+    # base neuron i - 1 (the triangle bound's case) and a far model with correlations over the whole range
+    # (its own bf16 product).
     gen = torch.Generator().manual_seed(2)
     n, d = 64, 4608
     base = torch.randn(n, d, generator=gen)
     mix = torch.linspace(0, 1, n).unsqueeze(1)
-    other = mix * base.roll(1, 0) + (1 - mix) * torch.randn(n, d, generator=gen)
-    k = torch.cat([base, other])
+    close = base + 0.05 * torch.randn(n, d, generator=gen) + 0.8 * mix * base.roll(1, 0)
+    far = mix * base.roll(1, 0) + (1 - mix) * torch.randn(n, d, generator=gen)
+    k = torch.cat([base, close, far])
+    stats = LayerStatistics(sigma=k.norm(dim=1), features=k)
     u = k / k.norm(dim=1, keepdim=True)
-    p = (u[:n] @ u.T).abs()
+    p = (u[:n].double() @ u.double().T).abs()
     for threshold in (0.2, 0.5, 0.7):
-        rows, cols = candidate_pairs(u, n, 1, threshold)
+        pairs = thresholded_pairs(stats, n, threshold)
         found = torch.zeros_like(p, dtype=torch.bool)
-        found[rows, cols] = True
-        assert found[p >= threshold - 1e-4].all()
+        found[pairs.rows, pairs.cols] = True
+        assert found[p >= threshold + 1e-5].all() and not found[p < threshold - 1e-5].any()
+        assert (pairs.values - p[pairs.rows, pairs.cols]).abs().max() < 1e-5
     assert screen_margin(d) < 0.02  # the screen stays a screen
 
 

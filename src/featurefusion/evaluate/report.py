@@ -89,8 +89,10 @@ def line_plot(
     xlabel: str,
     ylabel: str,
     references: dict[str, float] | None = None,
+    markers: dict[str, tuple[float, float, float, float]] | None = None,
 ) -> Path:
-    """One line per series (x -> y), plus dashed horizontal reference lines, saved as PNG."""
+    """One line per series (x -> y), plus dashed horizontal reference lines and single marked points
+    (label -> x, y, x low, x high: drawn with a horizontal bar from low to high), saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +104,8 @@ def line_plot(
         ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
     for (name, value), style in zip((references or {}).items(), ("--", ":", "-."), strict=False):
         ax.axhline(value, linestyle=style, color="grey", label=name)
+    for name, (x, y, low, high) in (markers or {}).items():
+        ax.errorbar([x], [y], xerr=[[x - low], [high - x]], fmt="*", markersize=12, capsize=4, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -22,7 +22,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,9 @@ class MergeJob:
     overwrite: bool = False  # replace an existing, non-empty output folder that holds a model
     overflow: str = "error"  # a tensor that is not finite after its cast: "error", or "clamp" to the dtype's range
     expected_hashes: list[str] | None = None  # replay: SHA-256 of each model, verified while it is read
+    # Called once methods have planned (`plan(models, modules)`), before anything is written: the metadata
+    # to write, e.g. with choices the plan made recorded in the recipe.
+    finalize_metadata: Callable[[dict[str, str]], dict[str, str]] | None = None
 
 
 @dataclass
@@ -124,6 +127,10 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         dtype_name = job.dtype or _dtype_name(base)
         out_dtype = DTYPES[dtype_name]
         modules = group_modules(base, components_written(fmt))
+        for method in {id(m): m for m in methods.values()}.values():
+            if hasattr(method, "plan"):  # e.g. FeatureFusion's `auto` picks every layer's threshold
+                method.plan(models, [m for m in modules if methods[m.component] is method])
+        metadata = job.finalize_metadata(job.metadata) if job.finalize_metadata else job.metadata
         entries = [
             (key, out_dtype if _is_float(base.ref(key).dtype) else base.ref(key).dtype, base.ref(key).shape)
             for module in modules
@@ -137,7 +144,7 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         # Weighted sums of whole tensors take the buffer-reusing fast path (see `streaming`).
         fast = job.nan_policy == "error" and job.overflow == "error"  # skipping or clamping: the generic path
         items = plan_items(modules, models, methods, out_dtype) if fast else None
-        with CheckpointWriter(plan, job.metadata) as writer:
+        with CheckpointWriter(plan, metadata) as writer:
             fault_point("staged")
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
             try:

@@ -27,11 +27,12 @@ from featurefusion.errors import CheckpointError, RecipeError
 from featurefusion.io.safetensors_stream import AppendingSafetensorsWriter, SafetensorsReader
 from featurefusion.merge.base import ModuleTensors
 from featurefusion.merge.featurefusion_math import (
+    AUTO,
     FeatureFusionOptions,
     LayerStatistics,
     drop_model,
-    layer_statistics,
     merge_layer,
+    resolve_layer,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class StatisticsSidecar:
 
         def finish(stats: LayerStatistics) -> None:
             self._writer.write(f"{layer}::sigma", stats.sigma)
+            self._writer.write(f"{layer}::threshold", torch.tensor([stats.threshold], dtype=torch.float64))
             self._writer.write(f"{layer}::p_index", torch.cat(indices, dim=1).contiguous())
             self._writer.write(f"{layer}::p_value", torch.cat(values).contiguous())
             self._writer.write(f"{layer}::shape", torch.tensor([n, total], dtype=torch.int64))
@@ -109,7 +111,15 @@ class StatisticsSidecar:
             # indices out of range, shapes that do not fit: a damaged file, never a crash
             raise CheckpointError(f"corrupt statistics ({err})", r.path, layer) from None
         column_l1 = r.read(f"{layer}::column_l1") if f"{layer}::column_l1" in r else None
-        return LayerStatistics(sigma=sigma, correlation=correlation, column_l1=column_l1)
+        threshold = self.threshold(layer)
+        return LayerStatistics(sigma=sigma, correlation=correlation, column_l1=column_l1, threshold=threshold)
+
+    def threshold(self, layer: str) -> float:
+        """The threshold the layer was merged with (files written before `auto` hold only the options')."""
+        key = f"{layer}::threshold"
+        if key in self._reader:
+            return float(self._reader.read(key)[0])
+        return float(self.options["threshold"])
 
     def layers(self) -> list[str]:
         return [key.removesuffix("::shape") for key in self._reader.keys() if key.endswith("::shape")]
@@ -162,6 +172,64 @@ class FeatureFusion:
         self.dropped_model = dropped_model
         self.degenerate_rows = 0
         self.layers = 0
+        self._buffer = torch.empty(0)
+        self.thresholds: dict[str, float] = {}  # each layer's threshold, as used
+        self.planned: dict[str, float] = {}  # thresholds `auto` chose before the merge (see `plan`)
+        self._pairs: dict[str, tuple] = {}  # and the pairs it found on the way, reused by the merge
+
+    def _recorded_threshold(self, layer: str) -> float | None:
+        if self.options.threshold != AUTO:
+            return float(self.options.threshold)
+        if layer in self.options.thresholds:  # a replay: the values the original merge chose
+            return float(self.options.thresholds[layer])
+        return self.planned.get(layer)
+
+    def plan(self, models, modules) -> None:
+        """With `auto`, choose every layer's threshold before anything is written, so the recipe at the head
+        of the output can record them. Reads the layers once more; the merge then reads them again."""
+        if self.options.threshold != AUTO or self.options.thresholds or self.replay is not None:
+            return
+        for module in modules:
+            key = module.keys.get("weight")
+            if key is None or len(models[0].ref(key).shape) not in (2, 4):
+                continue
+            weights = [m.read(key) for m in models]
+            for name, stack, n in self._layers(module.name, weights):
+                stats, threshold = resolve_layer(stack, n, self.options, name)
+                # A row holding NaN or Inf has a non-finite norm: the merge itself reports (or skips) the module.
+                if not bool(torch.isfinite(stats.sigma).all()):
+                    break
+                self.planned[name] = threshold
+                if stats.pairs is not None and stats.features is not None:
+                    self._pairs[name] = (stats.pairs, stats.pairs_floor, stats.pairs_row_blocks)
+
+    def planned_options(self) -> dict:
+        """What a merge records for `auto`: every layer's threshold."""
+        return {"thresholds": dict(self.planned)} if self.planned else {}
+
+    def _layers(self, module: str, weights: list[torch.Tensor]):
+        """(name, K, n) of each layer of a module: one, or the two halves of a GEGLU projection."""
+        parts = 2 if module.endswith(SPLIT_IN_HALVES) else 1
+        n_total = weights[0].shape[0]
+        if n_total % parts:
+            raise RecipeError(f"{module}: cannot split {n_total} output neurons into {parts} halves")
+        n = n_total // parts
+        for part in range(parts):
+            rows = slice(part * n, (part + 1) * n)
+            yield (module if parts == 1 else f"{module}#{part}"), self._stack(weights, rows, n), n
+
+    def _stack(self, weights: list[torch.Tensor], rows: slice, n: int) -> torch.Tensor:
+        """K = [W_1; ...; W_N] in float32, in a buffer reused across layers: a fresh multi-GB allocation per
+        layer would be a fresh mapping, every page of which faults on first touch. Nothing keeps a view of
+        it past the layer (merged weights are new tensors)."""
+        d = weights[0][rows].reshape(n, -1).shape[1]
+        size = len(weights) * n * d
+        if self._buffer.numel() < size:
+            self._buffer = torch.empty(size)
+        stack = self._buffer[:size].view(len(weights) * n, d)
+        for m, w in enumerate(weights):
+            stack[m * n : (m + 1) * n].copy_(w[rows].reshape(n, -1))
+        return stack
 
     def merge_module(self, module: str, tensors: ModuleTensors) -> dict[str, torch.Tensor]:
         weights = tensors.get("weight")
@@ -177,15 +245,17 @@ class FeatureFusion:
         merged_w, merged_b = [], []
         for part in range(parts):
             rows = slice(part * n, (part + 1) * n)
-            stack = torch.cat([w[rows].reshape(n, -1) for w in weights]).float()
+            stack = self._stack(weights, rows, n)
             bias_stack = None if biases is None else torch.cat([b[rows] for b in biases]).float()
             name = module if parts == 1 else f"{module}#{part}"
             if self.replay is not None:
                 stats = drop_model(self.replay.load(name), n, self.dropped_model)
             else:
-                stats = layer_statistics(stack, n, self.options, name)
+                threshold, pairs = self._recorded_threshold(name), self._pairs.pop(name, None)
+                stats, _ = resolve_layer(stack, n, self.options, name, threshold, pairs)
+            self.thresholds[name] = stats.threshold
             record, finish = self.record.recorder(name, n, stack.shape[0]) if self.record else (None, None)
-            layer = merge_layer(stack, bias_stack, n, stats, self.options, record)
+            layer = merge_layer(stack, bias_stack, n, stats, self.options.for_layer(stats.threshold), record)
             if finish:
                 finish(stats)
             self.degenerate_rows += layer.degenerate_rows

@@ -32,12 +32,12 @@ Choices the paper leaves open (each an option, defaults in `FeatureFusionOptions
 from __future__ import annotations
 
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from featurefusion.errors import RecipeError
-from featurefusion.merge.featurefusion_sparse import column_l1_by_block, merge_layer_sparse
+from featurefusion.merge.featurefusion_sparse import Pairs, column_l1_by_block, merge_layer_sparse, thresholded_pairs
 from featurefusion.merge.registry import option
 
 SLOPES = ("rescale", "regress")
@@ -47,6 +47,17 @@ ALGORITHMS = ("sparse", "dense")
 SAMPLE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # Row sums of the `paper` normalisation with a smaller magnitude than this are treated as degenerate.
 DEGENERATE_ROW_SUM = 1e-6
+# `--threshold auto` (see `auto_threshold`): per layer, just above the strongest correlation between two
+# different neurons, within [AUTO_FLOOR, AUTO_CEILING].
+AUTO = "auto"
+AUTO_FLOOR = 0.5
+AUTO_CEILING = 0.9
+AUTO_GAP = 0.01
+
+
+def threshold_value(text: str) -> float | str:
+    """A threshold as the command line gives it: `auto` or a number."""
+    return AUTO if str(text).strip().lower() == AUTO else float(text)
 
 
 # Sampled features take samples x (N * n) floats per layer: beyond this no machine has the memory.
@@ -56,7 +67,10 @@ MAX_SAMPLES = 1 << 20
 @dataclass(frozen=True)
 class FeatureFusionOptions:
     mode: str = option("exact", "exact: closed-form statistics; sampled: the paper's random inputs", choices=MODES)
-    threshold: float = option(0.7, "neuron pairs with |Pearson| below this get no weight", type=float)
+    threshold: float | str = option(
+        AUTO, "neuron pairs with |Pearson| below this get no weight; auto: per layer, just above the strongest "
+        "correlation of two different neurons (within 0.5-0.9)", type=threshold_value,
+    )  # fmt: skip
     slope: str = option(
         "rescale", "rescale: cov/var_j (k_j rescaled to k_i); regress: cov/var_i (authors' code)", choices=SLOPES
     )
@@ -72,13 +86,16 @@ class FeatureFusionOptions:
     algorithm: str = option("sparse", "sparse: pairs that can pass the threshold only; dense: all of P", cli=False)
     # Base neurons processed at once; bounds the [rows, N*n] matrices in memory.
     chunk_rows: int = option(512, "base neurons processed at once", cli=False)
+    # What `auto` chose for each layer: recorded in the recipe, so a replay uses the same values.
+    thresholds: dict = option({}, "per-layer thresholds chosen by threshold auto (recorded)", cli=False)
 
     def __post_init__(self):
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}"),
             (self.slope in SLOPES, f"slope must be one of {SLOPES}"),
             (self.normalization in NORMALIZATIONS, f"normalization must be one of {NORMALIZATIONS}"),
-            (0.0 <= self.threshold <= 1.0, "threshold must lie in [0, 1]"),
+            (self.threshold == AUTO or _is_fraction(self.threshold), "threshold must be auto or lie in [0, 1]"),
+            (all(_is_fraction(t) for t in self.thresholds.values()), "recorded thresholds must lie in [0, 1]"),
             (2 <= self.samples <= MAX_SAMPLES, f"samples must lie in [2, {MAX_SAMPLES}]"),
             (self.sample_dtype in SAMPLE_DTYPES, f"sample_dtype must be one of {tuple(SAMPLE_DTYPES)}"),
             (self.chunk_rows >= 1, "chunk_rows must be positive"),
@@ -91,22 +108,59 @@ class FeatureFusionOptions:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def for_layer(self, threshold: float) -> FeatureFusionOptions:
+        """These options with one layer's numeric threshold (what the per-layer maths reads)."""
+        return replace(self, threshold=float(threshold), thresholds={})
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def auto_threshold(pairs: Pairs, n: int) -> float:
+    """The layer's threshold for `auto`, from its pairs with |P| >= AUTO_FLOOR (all of them, exactly).
+
+    Fine-tunes of one base keep each neuron close to the base's neuron of the same index: those pairs are the
+    ones FeatureFusion should blend. Two *different* neurons correlating strongly is either chance (small
+    layers: the largest chance correlation of unit vectors in d dimensions grows like sqrt(2 ln(pairs) / d))
+    or structure, and blending them is what breaks a model at low thresholds. So the threshold goes just
+    above the strongest correlation of two different neurons (different index, any model), clamped to
+    [AUTO_FLOOR, AUTO_CEILING]: no pair of different neurons below the ceiling is ever blended, and every
+    same-index pair above that level is."""
+    different = pairs.cols % n != pairs.rows % n
+    strongest = float(pairs.values[different].abs().max()) if bool(different.any()) else 0.0
+    return min(AUTO_CEILING, max(AUTO_FLOOR, strongest + AUTO_GAP))
+
 
 @dataclass
 class LayerStatistics:
     """What the coefficients of a layer are made from.
 
-    Either `unit` (unit-length feature rows, P computed on demand) or `correlation` (P of the base rows with
-    every neuron, as stored for unlearning) is set."""
+    One of `unit` (unit-length feature rows, P computed on demand; dense path), `features` (the rows before
+    normalising, which in exact mode are the weights themselves, so nothing is copied; sparse path) or
+    `correlation` (P of the base rows with every neuron, as stored for unlearning) is set."""
 
     sigma: torch.Tensor  # [N*n] feature scale of every neuron (only ratios matter)
     unit: torch.Tensor | None = None  # [N*n, d'] unit-length feature rows
+    features: torch.Tensor | None = None  # [N*n, d'] feature rows, of norm sigma
     correlation: torch.Tensor | None = None  # [n, N*n] Pearson P of base neurons with every neuron
     column_l1: torch.Tensor | None = None  # [N, N*n] per model block: sum over its rows of |C| / c_j (column mode)
+    # Pairs already found with |P| >= pairs_floor (rows of the first pairs_row_blocks models), e.g. while
+    # choosing an automatic threshold: a higher threshold only filters them.
+    pairs: Pairs | None = None
+    pairs_floor: float = 1.0
+    pairs_row_blocks: int = 0
+    threshold: float | None = None  # the layer's threshold, once resolved (`auto` or recorded)
 
     def correlation_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """P of the given base neurons with every neuron; a neuron's correlation with itself is exactly 1."""
-        p = self.correlation[rows] if self.correlation is not None else self.unit[rows] @ self.unit.T
+        if self.correlation is not None:
+            p = self.correlation[rows]
+        elif self.unit is not None:
+            p = self.unit[rows] @ self.unit.T
+        else:
+            inverse = inverse_scale(self.sigma)
+            p = (self.features[rows] @ self.features.T).mul_(inverse[rows].unsqueeze(1)).mul_(inverse)
         p[torch.arange(len(rows)), rows] = 1.0
         return p
 
@@ -118,6 +172,43 @@ def layer_seed(seed: int, layer: str) -> int:
 
 def layer_statistics(stack: torch.Tensor, n: int, options: FeatureFusionOptions, layer: str) -> LayerStatistics:
     """`stack` is K, [N*n, d] in float32. Exact: the weight rows themselves; sampled: F = K x, centred."""
+    return resolve_layer(stack, n, options, layer)[0]
+
+
+def resolve_layer(
+    stack: torch.Tensor,
+    n: int,
+    options: FeatureFusionOptions,
+    layer: str,
+    threshold: float | None = None,
+    pairs: tuple[Pairs, float, int] | None = None,
+) -> tuple[LayerStatistics, float]:
+    """The layer's statistics and its threshold: `threshold` if given (recorded), else the options' number,
+    or for `auto` the value `auto_threshold` picks from these statistics. `pairs` (pairs, floor, row
+    blocks) are ones found before from the same statistics, e.g. while planning `auto`."""
+    stats = feature_statistics(stack, options, layer)
+    if pairs is not None:
+        stats.pairs, stats.pairs_floor, stats.pairs_row_blocks = pairs
+    blocks = stack.shape[0] // n if options.normalization == "column" else 1
+    if threshold is None and options.threshold == AUTO:
+        found = thresholded_pairs(stats, n, AUTO_FLOOR, row_blocks=blocks)
+        stats.pairs, stats.pairs_floor, stats.pairs_row_blocks = found, AUTO_FLOOR, blocks
+        base_rows = found.rows < n
+        threshold = auto_threshold(Pairs(found.rows[base_rows], found.cols[base_rows], found.values[base_rows]), n)
+    elif threshold is None:
+        threshold = options.threshold
+    if options.normalization == "column":
+        if options.algorithm == "sparse":
+            r, _ = slope_factors(stats.sigma, options.slope)
+            stats.column_l1 = column_l1_by_block(stats, n, threshold, r)
+        else:
+            stats.column_l1 = _column_l1_by_block(stats, n, options.for_layer(threshold))
+    stats.threshold = float(threshold)
+    return stats, float(threshold)
+
+
+def feature_statistics(stack: torch.Tensor, options: FeatureFusionOptions, layer: str) -> LayerStatistics:
+    """Scales and feature rows (unit rows for the dense path; the rows as they are for the sparse one)."""
     if options.mode == "exact":
         features = stack
     else:
@@ -128,15 +219,15 @@ def layer_statistics(stack: torch.Tensor, n: int, options: FeatureFusionOptions,
         del x
         features -= features.mean(dim=1, keepdim=True)
     sigma = features.norm(dim=1)
+    if options.algorithm == "sparse":
+        return LayerStatistics(sigma=sigma, features=features)
     unit = features / torch.where(sigma > 0, sigma, 1.0).unsqueeze(1)  # zero neurons stay zero
-    stats = LayerStatistics(sigma=sigma, unit=unit)
-    if options.normalization == "column":
-        if options.algorithm == "sparse":
-            r, _ = slope_factors(sigma, options.slope)
-            stats.column_l1 = column_l1_by_block(stats, n, options.threshold, r)
-        else:
-            stats.column_l1 = _column_l1_by_block(stats, n, options)
-    return stats
+    return LayerStatistics(sigma=sigma, unit=unit)
+
+
+def inverse_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """1/sigma, and 0 for a zero neuron (it has no direction: it correlates with nothing)."""
+    return torch.where(sigma > 0, 1.0 / torch.where(sigma > 0, sigma, 1.0), 0.0)
 
 
 def slope_factors(sigma: torch.Tensor, slope: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +274,11 @@ def merge_layer(
     """W = C K and b = C [b_1; ...; b_N], in chunks of base rows to bound memory.
 
     `record(rows, cols, values)` (optional) receives the entries of P that pass the threshold, row-major,
-    e.g. to store them."""
+    e.g. to store them. With threshold `auto`, the layer's resolved threshold comes from `stats`."""
+    if options.threshold == AUTO or options.thresholds:
+        if stats.threshold is None:
+            raise RecipeError("FeatureFusion: the layer's automatic threshold was not resolved")
+        options = options.for_layer(stats.threshold)
     r, c = slope_factors(stats.sigma, options.slope)
     if options.normalization == "column":
         # C_ij / sum_i' |C_i'j| = r_i Q_ij / (sum_i' r_i' |P_i'j|^2): the column factor c_j cancels.
@@ -233,7 +328,9 @@ def drop_model(stats: LayerStatistics, n: int, model: int) -> LayerStatistics:
     if stats.column_l1 is not None:
         blocks = torch.cat([stats.column_l1[:model], stats.column_l1[model + 1 :]])
         column_l1 = blocks[:, keep]
-    return LayerStatistics(sigma=stats.sigma[keep], correlation=stats.correlation[:, keep], column_l1=column_l1)
+    return LayerStatistics(
+        sigma=stats.sigma[keep], correlation=stats.correlation[:, keep], column_l1=column_l1, threshold=stats.threshold
+    )
 
 
 def coefficient_matrix(stats: LayerStatistics, n: int, options: FeatureFusionOptions) -> torch.Tensor:

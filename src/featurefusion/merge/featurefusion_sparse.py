@@ -2,17 +2,22 @@
 
 At a useful threshold almost every base neuron i correlates above it with nothing but its own copies in the
 other models, so of the [n, N*n] matrix P only ~N entries per row survive. The dense path still pays for
-the whole of P = U_base U^T and for C K. Here:
+the whole of P = U_base U^T and for C K. Here, with k the feature rows (the weights, in exact mode), sigma
+their norms and u = k / sigma:
 
-1. Candidates. Every pair that could reach |P| >= t is found by a screen that can only err on the side of
-   keeping a pair (see `screen_margin` for the bound):
-   - base rows against base rows: one Gram matrix G = U_b U_b^T in bfloat16 (~5x the float32 rate here);
-   - every other block by the triangle inequality: with g_i the base's unit rows and e_mi = |u_mi - g_i|,
-     |u_ai . u_bj| <= |g_i . g_j| + e_ai + e_bj (all rows have length <= 1). Fine-tunes of one base have
-     small e, so this leaves the same-index pairs and little else without another product;
-   - a block where that bound is too loose (a model far from the base) gets its own bfloat16 screen.
-2. Exact statistics: the candidates' correlations in float32, one dot product per pair.
-3. W = C K from the sparse coefficients, by index_add, and the normalisations from sums over the pairs.
+1. Same-index pairs (neuron i of one model with neuron i of another) exactly: one row-wise dot product per
+   pair of models, in float32. They also give every neuron's distance to its base neuron,
+   e_mi = |u_mi - g_i| (g the base's unit rows), from |a - b|^2 = |a|^2 + |b|^2 - 2 a.b.
+2. Every other pair that could reach |P| >= t, by a screen that can only err on the side of keeping a pair:
+   - one Gram matrix G = g g^T of the base rows in bfloat16 (~5x the float32 rate on CPUs with bf16
+     units), off by at most `screen_margin(d)`;
+   - for the rows of model a against the columns of model b, the triangle inequality: all rows have
+     length <= 1, so |u_ai . u_bj| <= |g_i . g_j| + e_ai + e_bj. Fine-tunes of one base have small e, so
+     this leaves little beyond the same-index pairs without another matrix product;
+   - a block where that bound is too loose (a model far from the base) gets its own bfloat16 product.
+   The candidates' correlations are then computed exactly in float32, one dot product each.
+3. W = C K from the sparse coefficients: the same-index part as N scaled row-wise sums (no gathers), the
+   rest by index_add; the normalisations are sums over the pairs.
 
 The result equals the dense path's up to float32 round-off (the order of additions differs); a pair whose
 dense float32 P is within round-off (~1e-6) of the threshold may land on the other side.
@@ -28,33 +33,42 @@ import torch
 # bfloat16 keeps 8 significant bits: round-to-nearest moves a value by at most this fraction of it.
 BF16_UNIT_ROUNDOFF = 2.0**-8
 FP32_UNIT_ROUNDOFF = 2.0**-24
-# A block whose triangle bound leaves more candidates than this share of its entries is screened directly.
+# A block whose triangle bound leaves more candidates than this share of its entries gets its own product.
 DIRECT_SCREEN_SHARE = 0.02
-# With more candidates than this share of all pairs, one float32 product is cheaper than per-pair dots.
-DENSE_SHARE = 0.25
 # Elements per gathered chunk ([pairs, d] float32 temporaries), ~64 MB.
 CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
 class Pairs:
-    """Sparse correlations: P[rows[k], cols[k]] = values[k], rows sorted, then cols (as `nonzero` gives)."""
+    """Sparse correlations: P[rows[k], cols[k]] = values[k], sorted by row, then column (as `nonzero`)."""
 
     rows: torch.Tensor  # int64
     cols: torch.Tensor  # int64
     values: torch.Tensor  # float32
 
 
+def float32_dot_error(d: int) -> float:
+    """Bound on the float32 round-off of a dot product of two unit-length vectors of length d (gamma_d)."""
+    return d * FP32_UNIT_ROUNDOFF / (1 - d * FP32_UNIT_ROUNDOFF)
+
+
+def screen_slack(d: int) -> float:
+    """Float32 round-off of the distances |u_mi - g_i| (from dot products) and of dividing by the norms."""
+    return 4 * float32_dot_error(d) + 1e-6
+
+
 def screen_margin(d: int) -> float:
     """How far a bfloat16-screened |P| can fall below the true one, plus the dense path's own float32 error.
 
-    Unit rows a, b rounded to bfloat16 move by |da|, |db| <= u = 2^-8, so |a'.b' - a.b| <= 2u + u^2.
-    The product is accumulated in float32 (checked by `_accumulates_in_float32`): at most gamma_d =
-    d u32 / (1 - d u32) times sum |a'_k b'_k| <= (1 + u)^2. Rounding the result to bfloat16 adds u times
-    its size, <= (1 + u)^2 (1 + gamma_d). And the dense path's float32 P is itself off by up to gamma_d,
-    so a pair it keeps may truly lie that far below the threshold."""
+    Rows a, b rounded to bfloat16 move by at most u = 2^-8 of their length, so for unit lengths
+    |a'.b' - a.b| <= 2u + u^2. The product is accumulated in float32 (checked by `_accumulates_in_float32`):
+    at most gamma_d times sum |a'_k b'_k| <= (1 + u)^2. Rounding the result to bfloat16 adds u times its size,
+    <= (1 + u)^2 (1 + gamma_d). Dividing by the norms in float32 adds ~1e-7, covered by the slack the
+    callers add. And the dense path's float32 P is itself off by up to gamma_d, so a pair it keeps may
+    truly lie that far below the threshold."""
     u = BF16_UNIT_ROUNDOFF
-    gamma = d * FP32_UNIT_ROUNDOFF / (1 - d * FP32_UNIT_ROUNDOFF)
+    gamma = float32_dot_error(d)
     size = (1 + u) ** 2
     return 2 * u + u * u + gamma * size + u * size * (1 + gamma) + gamma
 
@@ -67,75 +81,120 @@ def _accumulates_in_float32() -> bool:
     return float((ones @ ones.T).item()) == 4096.0
 
 
-def _screen(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a b^T| for unit rows, cheaply: bfloat16 where its error is bounded, else float32."""
+def _screen(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor) -> torch.Tensor:
+    """|P| of the rows of a against those of b, cheaply: bfloat16 where its error is bounded, else float32.
+    Rounding to bfloat16 is relative per element, so rounding k instead of u = k / sigma obeys the same bound."""
     if _accumulates_in_float32():
-        return (a.to(torch.bfloat16) @ b.to(torch.bfloat16).T).float().abs_()
-    return (a @ b.T).abs_()
+        product = (a.to(torch.bfloat16) @ b.to(torch.bfloat16).T).float()
+    else:
+        product = a @ b.T
+    return product.abs_().mul_(inv_a.unsqueeze(1)).mul_(inv_b.unsqueeze(0))
 
 
-def candidate_pairs(unit: torch.Tensor, n: int, row_blocks: int, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of every pair among the first `row_blocks` blocks of rows and all columns that may have
-    |P| >= threshold, in row-major order. Never misses one (see the module docstring)."""
-    total, d = unit.shape
+def _inverse(sigma: torch.Tensor) -> torch.Tensor:
+    from featurefusion.merge.featurefusion_math import inverse_scale
+
+    return inverse_scale(sigma)
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,ij->i", a, b)  # a batched product: no [n, d] temporary
+
+
+def same_index_correlations(features, inverse, n: int, row_blocks: int) -> torch.Tensor:
+    """[row_blocks, N, n]: P of neuron i of model a with neuron i of model b, exactly in float32; a neuron
+    with itself is exactly 1 (as in the dense path)."""
+    blocks = features.shape[0] // n
+    out = torch.empty(row_blocks, blocks, n)
+    for a in range(row_blocks):
+        for b in range(blocks):
+            if a == b:
+                out[a, b] = 1.0
+            elif b < a and b < row_blocks:
+                out[a, b] = out[b, a]
+            else:
+                fa, fb = features[a * n : (a + 1) * n], features[b * n : (b + 1) * n]
+                out[a, b] = _rowwise_dot(fa, fb).mul_(inverse[a * n : (a + 1) * n]).mul_(inverse[b * n : (b + 1) * n])
+    return out
+
+
+def _other_candidates(features, inverse, same, n: int, row_blocks: int, threshold: float):
+    """(rows, cols) of pairs of different index that may reach |P| >= threshold, per block of rows/columns."""
+    total, d = features.shape
     blocks = total // n
-    margin = screen_margin(d)
-    # Slack for the float32 round-off of the distances themselves.
-    cut = threshold - margin - 1e-5
-    if cut <= 0:
-        rows = torch.arange(row_blocks * n).repeat_interleave(total)
-        return rows, torch.arange(total).repeat(row_blocks * n)
-    base = unit[:n]
-    distance = torch.stack([(unit[m * n : (m + 1) * n] - base).norm(dim=1) for m in range(blocks)])  # [N, n]
-    gram = _screen(base, base)  # [n, n]
+    margin, slack = screen_margin(d), screen_slack(d)
+    cut = threshold - margin - slack
+    length = (inverse > 0).float()  # |u| is 1, or 0 for a zero neuron
+    base_len = length[:n]
+    distance = torch.stack(
+        [
+            (base_len + length[m * n : (m + 1) * n] - 2 * same[0, m]).clamp_min_(0).add_(slack).sqrt_()
+            for m in range(blocks)
+        ]
+    )  # [N, n], an upper bound on |u_mi - g_i|
+    gram = _screen(features[:n], features[:n], inverse[:n], inverse[:n])
+    gram.fill_diagonal_(0.0)  # same-index pairs are computed exactly elsewhere
+    widest = distance.amax(dim=1)
     found = []
     for a in range(row_blocks):
         for b in range(blocks):
-            bound = gram + distance[a].unsqueeze(1) + distance[b].unsqueeze(0)
-            mask = bound >= cut
-            if a or b:  # the base block is screened directly already
-                if int(mask.sum()) > DIRECT_SCREEN_SHARE * n * n + n:
-                    mask = _screen(unit[a * n : (a + 1) * n], unit[b * n : (b + 1) * n]) >= threshold - margin
-            else:
-                mask = gram >= threshold - margin
-            if a == b:
-                mask.fill_diagonal_(True)  # P_ii = 1 by definition, even for a zero neuron
-            local = mask.nonzero()
-            found.append((local[:, 0] + a * n, local[:, 1] + b * n))
-    rows = torch.cat([r for r, _ in found])
-    cols = torch.cat([c for _, c in found])
-    order = torch.argsort(rows * total + cols)
-    return rows[order], cols[order]
+            level = cut - float(widest[a]) - float(widest[b])
+            mask = gram >= level
+            if int(torch.count_nonzero(mask)) <= DIRECT_SCREEN_SHARE * n * n:
+                i, j = mask.nonzero().unbind(1)
+                keep = gram[i, j] + distance[a, i] + distance[b, j] >= cut
+                i, j = i[keep], j[keep]
+            else:  # this block is far from the base: screen it with its own product
+                ra, rb = slice(a * n, (a + 1) * n), slice(b * n, (b + 1) * n)
+                block = _screen(features[ra], features[rb], inverse[ra], inverse[rb])
+                block.fill_diagonal_(0.0)
+                i, j = (block >= threshold - margin - slack).nonzero().unbind(1)
+            found.append((i + a * n, j + b * n))
+    return found
 
 
-def exact_correlations(unit: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """u_rows . u_cols in float32 for each pair; a neuron's correlation with itself is exactly 1, as in the
-    dense path."""
+def exact_correlations(features, inverse, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """P of each pair (rows[k], cols[k]) in float32."""
     out = torch.empty(len(rows))
-    step = max(1, CHUNK_ELEMENTS // max(1, unit.shape[1]))
+    step = max(1, CHUNK_ELEMENTS // max(1, features.shape[1]))
     for start in range(0, len(rows), step):
         r, c = rows[start : start + step], cols[start : start + step]
-        out[start : start + step] = (unit[r] * unit[c]).sum(dim=1)
-    out[rows == cols] = 1.0
+        out[start : start + step] = _rowwise_dot(features[r], features[c]).mul_(inverse[r]).mul_(inverse[c])
     return out
 
 
 def thresholded_pairs(stats, n: int, threshold: float, row_blocks: int = 1) -> Pairs:
-    """The pairs with |P| >= threshold of the first `row_blocks` blocks of rows with every neuron."""
-    if stats.unit is None:  # stored correlations (unlearning): base rows only, already sparse
-        assert row_blocks == 1, "stored statistics hold the base rows only"
-        p = stats.correlation_rows(torch.arange(n))
-        local = (p.abs() >= threshold).nonzero()
-        return Pairs(local[:, 0], local[:, 1], p[local[:, 0], local[:, 1]])
-    rows, cols = candidate_pairs(stats.unit, n, row_blocks, threshold)
-    total = stats.unit.shape[0]
-    if len(rows) > DENSE_SHARE * row_blocks * n * total:  # a low threshold: most pairs pass anyway
+    """The pairs with |P| >= threshold among the first `row_blocks` blocks of rows and every neuron."""
+    cached = stats.pairs
+    if cached is not None and stats.pairs_floor <= threshold and stats.pairs_row_blocks >= row_blocks:
+        keep = (cached.values.abs() >= threshold) & (cached.rows < row_blocks * n)
+        return Pairs(cached.rows[keep], cached.cols[keep], cached.values[keep])
+    d = 0 if stats.features is None else stats.features.shape[1]
+    if stats.features is None or threshold - screen_margin(d) - screen_slack(d) <= 0:
+        # Stored correlations (unlearning), or a threshold so low that every pair is a candidate.
+        assert row_blocks == 1 or stats.correlation is None, "stored statistics hold the base rows only"
         p = stats.correlation_rows(torch.arange(row_blocks * n))
         local = (p.abs() >= threshold).nonzero()
         return Pairs(local[:, 0], local[:, 1], p[local[:, 0], local[:, 1]])
-    values = exact_correlations(stats.unit, rows, cols)
+    features, total = stats.features, stats.features.shape[0]
+    inverse = _inverse(stats.sigma)
+    same = same_index_correlations(features, inverse, n, row_blocks)
+    index = torch.arange(n)
+    rows, cols, values = [], [], []
+    for a in range(row_blocks):
+        for b in range(total // n):
+            rows.append(index + a * n)
+            cols.append(index + b * n)
+            values.append(same[a, b])
+    for r, c in _other_candidates(features, inverse, same, n, row_blocks, threshold):
+        rows.append(r)
+        cols.append(c)
+        values.append(exact_correlations(features, inverse, r, c))
+    rows, cols, values = torch.cat(rows), torch.cat(cols), torch.cat(values)
     keep = values.abs() >= threshold
-    return Pairs(rows[keep], cols[keep], values[keep])
+    rows, cols, values = rows[keep], cols[keep], values[keep]
+    order = torch.argsort(rows * total + cols)
+    return Pairs(rows[order], cols[order], values[order])
 
 
 def column_l1_by_block(stats, n: int, threshold: float, r: torch.Tensor) -> torch.Tensor:
@@ -148,10 +207,18 @@ def column_l1_by_block(stats, n: int, threshold: float, r: torch.Tensor) -> torc
     return flat.view(blocks, total)
 
 
-def sparse_product(rows: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-    """sum_j coef_ij k_j for each of n output rows, from the pairs (index_add sums in a fixed order)."""
+def sparse_product(rows, cols, coef, k: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_j coef_ij k_j for each of the n base rows. Same-index pairs (j = i of some model) are added as
+    scaled rows, in place; the few others by index_add of gathered rows. The order of additions is fixed."""
     flat = k.reshape(k.shape[0], -1)
-    out = torch.zeros(n, flat.shape[1])
+    blocks = flat.shape[0] // n
+    same = cols % n == rows
+    by_model = torch.zeros(blocks, n)
+    by_model[cols[same] // n, rows[same]] = coef[same]
+    out = flat[:n] * by_model[0].unsqueeze(1)
+    for m in range(1, blocks):
+        out.addcmul_(flat[m * n : (m + 1) * n], by_model[m].unsqueeze(1))
+    rows, cols, coef = rows[~same], cols[~same], coef[~same]
     step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
     for start in range(0, len(rows), step):
         sl = slice(start, start + step)

@@ -262,8 +262,11 @@ def check_statistics(stats_file: Path, recipe: Recipe, options: FeatureFusionOpt
             raise CheckpointError("corrupt statistics metadata (options or models of the wrong type)", stats_file)
         if stored_models != [r.sha256 for r in recipe.models]:
             raise CheckpointError(f"statistics file does not belong to the merge {merged} (other models)", stats_file)
-        if json.dumps(stored_options, sort_keys=True) != json.dumps(options.as_dict(), sort_keys=True):
-            differ = sorted(k for k in options.as_dict() if stored_options.get(k) != options.as_dict()[k])
+        # `thresholds` are what `auto` chose while planning: in the recipe, and per layer in the statistics.
+        stored = {k: v for k, v in stored_options.items() if k != "thresholds"}
+        expected = {k: v for k, v in options.as_dict().items() if k != "thresholds"}
+        if json.dumps(stored, sort_keys=True) != json.dumps(expected, sort_keys=True):
+            differ = sorted(k for k in expected if stored.get(k) != expected[k])
             raise CheckpointError(
                 f"statistics file does not belong to the merge {merged}: it was made with other options "
                 f"({', '.join(differ) or 'unknown'})",
@@ -317,6 +320,11 @@ def _rule(rule: str) -> str:
 
 def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions, expected_hashes=None) -> MergeReport:
     out = out.defaults_from(None)
+
+    def finalize(metadata: dict[str, str]) -> dict[str, str]:
+        planned = built.planned_options()
+        return replace(recipe, options={**recipe.options, **planned}).metadata() if planned else metadata
+
     job = MergeJob(
         models=list(models),
         output=Path(output),
@@ -331,6 +339,7 @@ def _run(models, output, built: Built, recipe: Recipe, out: OutputOptions, expec
         overwrite=out.overwrite,
         overflow=out.overflow,
         expected_hashes=expected_hashes,
+        finalize_metadata=finalize if built.planned_options else None,
     )
     try:
         return run_merge(job, side_files=built.side_files)

@@ -65,6 +65,9 @@ class Built:
     side_files: list = field(default_factory=list)
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     inputs: list[Path] = field(default_factory=list)  # files read besides the models (no output may be one)
+    # Recipe options settled while the engine plans (FeatureFusion's per-layer `auto` thresholds), added to
+    # the recorded recipe before anything is written.
+    planned_options: Callable[[], dict] | None = None
 
     def close(self) -> None:
         for close in self.cleanup:

@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 
 from featurefusion.evaluate.report import heatmap, labelled_grid, line_plot, markdown_table
 from featurefusion.evaluate.toy import EvalSettings, Evaluator, ModelResult
+from featurefusion.io.checkpoint import open_checkpoint
+from featurefusion.io.recipe import recipe_of
 from featurefusion.merge import operations, registry
 from featurefusion.merge.featurefusion import model_shares
-from featurefusion.merge.featurefusion_math import FeatureFusionOptions
+from featurefusion.merge.featurefusion_math import AUTO, FeatureFusionOptions
 from featurefusion.merge.greedy import GreedyResult, search_soup
 from featurefusion.merge.operations import OutputOptions
 from featurefusion.merge.search import (
@@ -110,6 +112,8 @@ class DemoState:
     search_cache: dict = field(default_factory=dict)  # candidate merge -> validation mean, shared by searches
     block_search: BlockSearchResult | None = None
     threshold_sweep: dict[float, float] = field(default_factory=dict)  # threshold -> validation mean
+    # `--threshold auto` on the same prompts: its validation mean and the per-layer thresholds it chose.
+    auto_threshold: dict = field(default_factory=dict)
     shares: list[dict[str, float]] = field(default_factory=list)  # FeatureFusion's weight per model
     validation_scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # shared by both searches
 
@@ -252,10 +256,15 @@ def _threshold_sweep(state: DemoState, models: Path) -> None:
     """FeatureFusion at each threshold, on the validation prompts (the full ablation uses the test prompts)."""
     score = _validation_score(state)
     path = models / "threshold.safetensors"
-    for threshold in sorted({*state.config.thresholds, FeatureFusionOptions().threshold}):
+    for threshold in sorted(state.config.thresholds):
         options = replace(FeatureFusionOptions(), threshold=threshold)
         operations.merge(state.inputs, path, options=options, out=_out(), save_statistics=False)
         state.threshold_sweep[threshold] = score(path)
+    options = replace(FeatureFusionOptions(), threshold=AUTO)
+    operations.merge(state.inputs, path, options=options, out=_out(), save_statistics=False)
+    with open_checkpoint(path) as merged:
+        chosen = list(recipe_of(merged.metadata, path).options["thresholds"].values())
+    state.auto_threshold = {"score": score(path), "thresholds": chosen}
     path.unlink()
 
 
@@ -425,14 +434,13 @@ def _unlearning_section(state: DemoState, alignment) -> list[str]:
 def _ablation_section(state: DemoState, alignment) -> list[str]:
     tasks = list(state.config.specialists)
     default = FeatureFusionOptions()
-    rows = {f"default: exact, threshold {default.threshold:g}, rescale, convex": alignment["FeatureFusion"]}
+    rows = {f"default: exact, threshold {default.threshold}, rescale, convex": alignment["FeatureFusion"]}
     for label, result in state.ablation.items():
         row = result.alignment()
         rows[label] = {**row, "mean": sum(row.values()) / len(row)}
     fids = {label: sum(r.fid().values()) / len(tasks) for label, r in state.ablation.items()}
     fids[next(iter(rows))] = sum(state.results["FeatureFusion"].fid().values()) / len(tasks)
-    sweep = {default.threshold: alignment["FeatureFusion"]["mean"]}
-    sweep |= {float(label.split()[1]): row["mean"] for label, row in rows.items() if label.startswith("threshold ")}
+    sweep = {float(label.split()[1]): row["mean"] for label, row in rows.items() if label.startswith("threshold ")}
     picture = []
     if len(sweep) > 2:
         references = {"uniform soup": alignment["Soup (uniform)"]["mean"], "base": alignment["base"]["mean"]}
@@ -483,17 +491,30 @@ def _shares_section(state: DemoState) -> list[str]:
 def _threshold_section(state: DemoState, alignment) -> list[str]:
     sweep = state.threshold_sweep
     references = {"uniform soup (test)": alignment["Soup (uniform)"]["mean"], "base (test)": alignment["base"]["mean"]}
+    markers = {}
+    if state.auto_threshold:
+        chosen = sorted(state.auto_threshold["thresholds"])
+        median = chosen[len(chosen) // 2]
+        markers["auto (median, range of layers)"] = (median, state.auto_threshold["score"], chosen[0], chosen[-1])
     line_plot({"FeatureFusion (validation)": sweep}, state.config.out / "threshold.png",
               "FeatureFusion: threshold sweep", "correlation threshold", "mean prompt alignment (%)",
-              references)  # fmt: skip
+              references, markers)  # fmt: skip
     values = ", ".join(f"{t:g} → {v:.1f}" for t, v in sweep.items())
+    auto = ""
+    if state.auto_threshold:
+        chosen = sorted(state.auto_threshold["thresholds"])
+        auto = (
+            f" `auto` (the default) scores {state.auto_threshold['score']:.1f}, choosing per layer thresholds "
+            f"from {chosen[0]:.2f} to {chosen[-1]:.2f} (median {chosen[len(chosen) // 2]:.2f}; the marker on the "
+            "plot sits at the median, its bar spans the range)."
+        )
     return [
         "## FeatureFusion: threshold sweep",
         "",
         f"Mean prompt alignment on the validation prompts ({state.config.validation.images_per_task} per task) "
-        f"for each correlation threshold: {values}. Threshold 0 is the paper read literally (every neuron of a "
-        "layer mixed in). `featurefusion demo --ablation` runs the sweep on the test prompts, with the slope, "
-        "normalisation and sampled-mode variants.",
+        f"for each correlation threshold: {values}.{auto} Threshold 0 is the paper read literally (every neuron "
+        "of a layer mixed in). `featurefusion demo --ablation` runs the sweep on the test prompts, with the "
+        "slope, normalisation and sampled-mode variants.",
         "",
         "![threshold sweep](threshold.png)",
         "",

@@ -56,4 +56,5 @@ class FeatureFusionMethod(MergeMethodPlugin):
             method = FeatureFusion(options, record=sidecar, replay=replay, dropped_model=stats["dropped_index"])
         count = len(recipe.models)
         built.methods = per_component(recipe.components, method, WeightedSum([1.0 / count] * count))
+        built.planned_options = method.planned_options
         return built
