@@ -103,6 +103,7 @@ def run_items(items: list[Item], models, writer, output, progress=None) -> None:
     for _ in range(OUTPUT_BUFFERS):
         free_out.put(torch.empty(CHUNK * out_size, dtype=torch.uint8))
     acc_buffer = torch.empty(CHUNK, dtype=torch.float32)
+    widened = torch.empty(CHUNK, dtype=torch.float32)
     ready: queue.Queue = queue.Queue()
     to_write: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -165,6 +166,10 @@ def run_items(items: list[Item], models, writer, output, progress=None) -> None:
             weights = [w for _, w in item.sources]
             acc.copy_(views[0]).mul_(weights[0])
             for w, view in zip(weights[1:], views[1:], strict=True):
+                if view.dtype != torch.float32:
+                    # Widening first and adding two float32 tensors takes the vectorised kernel (the
+                    # mixed-dtype add is ~1.5x slower); the sums are the same to the bit.
+                    view = widened[:count].copy_(view)
                 acc.add_(view, alpha=w)
             _check_finite(views, item, models, acc)
             out = _get(free_out, stop)
