@@ -74,11 +74,11 @@ def measure(pipe, run: Callable[[], object], images: int, device: torch.device |
         start = time.perf_counter()
         run()
         seconds = time.perf_counter() - start
-        activations = _cpu_activation_peak(run)
+        activations = activation_peak(run)
     return Cost(count, weight_bytes, seconds / images, weight_bytes + max(0, activations))
 
 
-def _cpu_activation_peak(run: Callable[[], object]) -> int:
+def activation_peak(run: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -43,6 +43,20 @@ from featurefusion.toyworld.train import SPECIALIST_TASKS
 SHIPPED = Path(__file__).parent / "checkpoints"
 
 
+# The demo's grids: about half of each method's registered search space (which `featurefusion search` uses),
+# keeping the values that won on the validation prompts in a full-grid run (README) and a neighbour of each.
+DEMO_SPACES: dict[str, dict[str, tuple]] = {
+    "task-arithmetic": {"scale": (0.3, 0.5, 1.0)},
+    "ties": {"density": (0.5,), "scale": (1.0, 1.5)},
+    "dare": {"density": (0.2,), "scale": (0.5, 1.0)},
+    "dare-ties": {"density": (0.5,), "scale": (0.5, 1.0)},
+    "tsv": {"scale": (0.5, 1.0)},
+    "iso-c": {"scale": (0.5, 1.0)},
+    "iso-cts": {"scale": (0.5, 1.0)},
+    "zipit": {"budget": (0.0, 0.5), "depth": (None,)},
+}
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     out: Path = Path("runs/demo")
@@ -50,9 +64,10 @@ class DemoConfig:
     specialists: tuple[str, ...] = SPECIALIST_TASKS
     # Sampled under bfloat16 autocast: about twice as fast here, and the scores of the base and a specialist
     # moved by at most one image per task against float32 (README).
-    evaluation: EvalSettings = EvalSettings(precision="bf16")
+    # DDIM 12 steps (15 before the ensembles and the student joined the demo) keeps the run within 10 minutes.
+    evaluation: EvalSettings = EvalSettings(steps=12, precision="bf16")
     # Searches choose on held-out validation prompts (train split, other seed), never on the test prompts.
-    validation: EvalSettings = EvalSettings(images_per_task=12, split="train", seed=1, precision="bf16")
+    validation: EvalSettings = EvalSettings(images_per_task=12, steps=12, split="train", seed=1, precision="bf16")
     # FeatureFusion's threshold sweep runs on the validation prompts; with `ablation` it runs on the test
     # prompts instead, next to the slope, normalisation and sampled-mode variants (`featurefusion demo --ablation`).
     thresholds: tuple[float, ...] = (0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
@@ -64,7 +79,7 @@ class DemoConfig:
     searched_methods: tuple[str, ...] = (
         "task-arithmetic", "ties", "dare", "dare-ties", "tsv", "iso-c", "iso-cts", "zipit",
     )  # fmt: skip
-    method_spaces: dict[str, dict[str, tuple]] = field(default_factory=dict)
+    method_spaces: dict[str, dict[str, tuple]] = field(default_factory=lambda: dict(DEMO_SPACES))
     # Options every candidate of a method gets (ZipIt!'s sample inputs: noisy images of the broad training data).
     fixed_options: dict[str, dict] = field(
         default_factory=lambda: {"zipit": {"sample_data": "toyworld", "sample_count": 128}}

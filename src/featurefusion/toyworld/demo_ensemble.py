@@ -20,7 +20,7 @@ import torch
 from featurefusion.evaluate.report import markdown_table
 
 AFA_LABEL, AVERAGE_LABEL, ROUTING_LABEL = "AFA (trained aggregators)", "Output average", "Keyword routing"
-COST_IMAGES = 16  # images per cost measurement: one sampling call
+COST_IMAGES = 4  # images of the profiled sampling call that measures peak memory
 
 
 def shipped_afa(checkpoints: Path) -> Path:
@@ -82,23 +82,27 @@ def _average(routed: bool):
 
 
 def _costs(state, _models: Path) -> None:
-    """One sampling call of COST_IMAGES images per kind of model, with the evaluation's settings."""
-    from featurefusion.ensemble.cost import measure
+    """Each kind of model's inference cost. Seconds per image come from its evaluation run above (sampling and
+    scoring every test image); peak memory from one profiled sampling call of COST_IMAGES images."""
+    from featurefusion.ensemble.cost import Cost, activation_peak, parameters_held
     from featurefusion.toyworld.models import load_pipeline
 
     extras = _extras(state)
     settings = state.config.evaluation
     prompts = [spec.prompt for specs in state.evaluator.specs.values() for spec in specs][::7][:COST_IMAGES]
     prompts = (prompts * COST_IMAGES)[:COST_IMAGES]
-    kinds = {"one model (base, a specialist or any merge)": load_pipeline(state.base_dir), **extras["pipes"]}
-    for label, pipe in kinds.items():
+    kinds = {"one model (base, a specialist or any merge)": (load_pipeline(state.base_dir), "base")}
+    kinds |= {label: (pipe, label) for label, pipe in extras["pipes"].items()}
+    for label, (pipe, evaluated) in kinds.items():
 
         def run(pipe=pipe):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
                 pipe(prompts, steps=settings.steps, guidance_scale=settings.guidance_scale, seed=settings.seed)
 
-        run()  # warm-up: first calls pay for allocation and kernel selection
-        extras["costs"][label] = measure(pipe, run, len(prompts))
+        result = state.results[evaluated]
+        images = sum(len(task.samples) for task in result.tasks.values())
+        count, weight_bytes = parameters_held(pipe)
+        extras["costs"][label] = Cost(count, weight_bytes, result.seconds / images, weight_bytes + activation_peak(run))
     extras["pipes"].clear()  # eight U-Nets per ensemble: let them go before the report
 
 
@@ -150,12 +154,12 @@ def ensemble_section(state, alignment: dict[str, dict[str, float]]) -> list[str]
     lines += [
         "### Inference cost",
         "",
-        f"One sampling call of {COST_IMAGES} images with the evaluation's settings (DDIM "
-        f"{state.config.evaluation.steps} steps with classifier-free guidance, {state.config.evaluation.precision}), "
-        "after a warm-up call. Parameters held count every distinct tensor once (the ensembles share the base's "
-        "text encoder); peak memory is the weights plus the activations' peak (the torch profiler's allocation "
-        "record of a second call). Every merge has the base's architecture, so the first row is the cost of the "
-        "base, of each specialist and of every merge row above.",
+        "Seconds per image: the model's evaluation above (every test image sampled with DDIM "
+        f"{state.config.evaluation.steps} steps and classifier-free guidance, {state.config.evaluation.precision}, "
+        "and scored), divided by its images. Parameters held count every distinct tensor once (the ensembles "
+        "share the base's text encoder); peak memory is the weights plus the activations' peak in one sampling "
+        f"call of {COST_IMAGES} images (the torch profiler's allocation record). Every merge has the base's "
+        "architecture, so the first row is the cost of the base, of each specialist and of every merge row above.",
         "",
         markdown_table(rows, list(next(iter(rows.values()))), fmt="{:.3g}", bold_best=False, first_header="model"),
         "",
