@@ -52,8 +52,14 @@ def test_two_gloo_processes_match_one_process(teachers, tmp_path):
     start = _params_of_base()
     moved = max((a[k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-4  # it trained
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+    # The all-reduce sums gradients in another order than one process's accumulation, and Adam turns a
+    # round-off difference in a near-zero gradient into a full step of either sign: a few entries may differ
+    # by up to lr per step, every other one must agree. A missing all-reduce moves most entries apart.
+    close = [torch.isclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a]
+    differing = sum(int((~c).sum()) for c in close) / sum(c.numel() for c in close)
+    print(f"entries differing between 1 and 2 processes: {differing:.2e}")
+    assert differing < 1e-3
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 2 * TINY["lr"] * TINY["steps"]
 
 
 def _params_of_base():
