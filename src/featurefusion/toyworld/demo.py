@@ -53,7 +53,7 @@ DEMO_SPACES: dict[str, dict[str, tuple]] = {
     "tsv": {"scale": (0.5, 1.0)},
     "iso-c": {"scale": (0.5, 1.0)},
     "iso-cts": {"scale": (0.5, 1.0)},
-    "zipit": {"budget": (0.0, 0.5), "depth": (None,)},
+    "zipit": {"budget": (0.0,), "depth": (None,)},  # all budgets within one image of each other in the full grid
 }
 
 
@@ -67,7 +67,7 @@ class DemoConfig:
     # DDIM 12 steps (15 before the ensembles and the student joined the demo) keeps the run within 10 minutes.
     evaluation: EvalSettings = EvalSettings(steps=12, precision="bf16")
     # Searches choose on held-out validation prompts (train split, other seed), never on the test prompts.
-    validation: EvalSettings = EvalSettings(images_per_task=12, steps=12, split="train", seed=1, precision="bf16")
+    validation: EvalSettings = EvalSettings(images_per_task=10, steps=12, split="train", seed=1, precision="bf16")
     # FeatureFusion's threshold sweep runs on the validation prompts; with `ablation` it runs on the test
     # prompts instead, next to the slope, normalisation and sampled-mode variants (`featurefusion demo --ablation`).
     thresholds: tuple[float, ...] = (0.0, 0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9)
@@ -84,8 +84,9 @@ class DemoConfig:
     fixed_options: dict[str, dict] = field(
         default_factory=lambda: {"zipit": {"sample_data": "toyworld", "sample_count": 128}}
     )
-    # Block weights by coordinate ascent (autoMBW) from the best task-arithmetic scale: these multiples of it.
-    block_search: tuple[float, ...] = (0.0, 2.0)
+    # Block weights by coordinate ascent (autoMBW) from the best task-arithmetic scale: these multiples of it
+    # (`featurefusion search --block-search` also tries 0, dropping a block's changes).
+    block_search: tuple[float, ...] = (2.0,)
     progress: bool | None = None
 
 
