@@ -24,3 +24,7 @@ def test_the_demo_reports_ensembles_next_to_merges_with_their_cost(tmp_path):
         assert text.count(f"| {row} |") >= 1, row
     assert "## Ensembles: what routing buys over a merge" in text and "### Inference cost" in text
     assert "AFA's members: base, objects-round, objects-angular" in text
+    # Seconds per image are the evaluation's own time over every test image it drew (1 task x 4 images).
+    cost = float(text.split("| one model (base, a specialist or any merge) |")[1].split("|")[2])
+    sampled = float(text.split("\n| base | ")[-1].split(" |")[0])
+    assert abs(cost * 4 - sampled) <= 0.06 + 0.02 * sampled

@@ -100,7 +100,7 @@ def _costs(state, _models: Path) -> None:
                 pipe(prompts, steps=settings.steps, guidance_scale=settings.guidance_scale, seed=settings.seed)
 
         result = state.results[evaluated]
-        images = sum(len(task.samples) for task in result.tasks.values())
+        images = len(result.tasks) * settings.images_per_task  # `samples` keeps only the grid's few
         count, weight_bytes = parameters_held(pipe)
         extras["costs"][label] = Cost(count, weight_bytes, result.seconds / images, weight_bytes + activation_peak(run))
     extras["pipes"].clear()  # eight U-Nets per ensemble: let them go before the report
