@@ -17,9 +17,8 @@ from contextlib import contextmanager
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from torch import nn
 
-from featurefusion.ensemble.unet import EnsembleError, check_members
+from featurefusion.ensemble.unet import EnsembleError, MemberEnsemble
 
 
 class KeywordRouter:
@@ -75,34 +74,18 @@ def parse_keyword_map(text: str, names: Sequence[str]) -> dict[int, list[str]]:
     return result
 
 
-class OutputEnsembleUNet(nn.Module):
+class OutputEnsembleUNet(MemberEnsemble):
     """Σ_i w_i · ε_i(x, t, c): fixed weights (uniform by default) or per-prompt weights from a router."""
 
     def __init__(self, members: Sequence[UNet2DConditionModel], weights: Sequence[float] | None = None,
                  router: KeywordRouter | None = None):  # fmt: skip
-        super().__init__()
-        check_members(members)
-        self.members = nn.ModuleList(members)
-        for unet in self.members:
-            unet.requires_grad_(False).eval()
+        super().__init__(members)
         weights = torch.full((len(members),), 1.0) if weights is None else torch.tensor(weights, dtype=torch.float32)
         if weights.shape != (len(members),) or (weights < 0).any() or weights.sum() <= 0:
             raise EnsembleError(f"need {len(members)} non-negative weights with a positive sum, got {weights.tolist()}")
         self.weights = weights / weights.sum()
         self.router = router
         self._rows: torch.Tensor | None = None
-
-    @property
-    def config(self):
-        return self.members[0].config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.members[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.members[0].device
 
     @contextmanager
     def route(self, prompts: Sequence[str]):

@@ -67,27 +67,17 @@ def default_aggregator_config(unet: UNet2DConditionModel, n_models: int, **overr
     )
 
 
-class AFAUNet(nn.Module):
-    """N frozen member U-Nets and the trainable aggregators between their blocks."""
+class MemberEnsemble(nn.Module):
+    """Frozen member U-Nets behind the UNet2DConditionModel attributes diffusers pipelines read, so an ensemble
+    can stand in a pipeline's `unet` slot."""
 
-    def __init__(self, members: Sequence[UNet2DConditionModel], aggregators: AggregatorSet | None = None, **config):
+    def __init__(self, members: Sequence[UNet2DConditionModel]):
         super().__init__()
         check_members(members)
         self.members = nn.ModuleList(members)
         for unet in self.members:
-            unet.requires_grad_(False)
-            unet.eval()
-        if aggregators is None:
-            aggregators = AggregatorSet(default_aggregator_config(members[0], len(members), **config))
-        expected = block_channels(members[0])
-        if aggregators.config.n_models != len(members) or tuple(aggregators.config.channels) != expected:
-            raise EnsembleError(
-                f"aggregators were built for {aggregators.config.n_models} models with block channels "
-                f"{list(aggregators.config.channels)}; these {len(members)} models have {list(expected)}"
-            )
-        self.aggregators = aggregators
+            unet.requires_grad_(False).eval()
 
-    # ---- what diffusers pipelines read from a UNet ----------------------------------------------------------
     @property
     def config(self):
         return self.members[0].config
@@ -99,6 +89,22 @@ class AFAUNet(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.members[0].device
+
+
+class AFAUNet(MemberEnsemble):
+    """N frozen member U-Nets and the trainable aggregators between their blocks."""
+
+    def __init__(self, members: Sequence[UNet2DConditionModel], aggregators: AggregatorSet | None = None, **config):
+        super().__init__(members)
+        if aggregators is None:
+            aggregators = AggregatorSet(default_aggregator_config(members[0], len(members), **config))
+        expected = block_channels(members[0])
+        if aggregators.config.n_models != len(members) or tuple(aggregators.config.channels) != expected:
+            raise EnsembleError(
+                f"aggregators were built for {aggregators.config.n_models} models with block channels "
+                f"{list(aggregators.config.channels)}; these {len(members)} models have {list(expected)}"
+            )
+        self.aggregators = aggregators
 
     def train(self, mode: bool = True):
         # Members stay in eval mode: only the aggregators ever train.
