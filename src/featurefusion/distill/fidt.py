@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from featurefusion.evaluate.metrics import fid_columns
+
 
 @dataclass
 class FIDtResult:
@@ -40,19 +42,6 @@ class FIDtResult:
     def as_dict(self) -> dict:
         return {"styles": self.names, "matrix": self.matrix, "reference": self.reference, "fidt": self.fidt,
                 "reference_fidt": self.reference_fidt}  # fmt: skip
-
-
-def fid_columns(metric, image_sets: list[torch.Tensor], reference: torch.Tensor) -> list[float]:
-    """FID of each image set against one reference set (its statistics computed once)."""
-    metric.reset_real_features = False
-    metric.reset()
-    metric.update(reference.float(), real=True)
-    out = []
-    for images in image_sets:
-        metric.reset()  # keeps the reference statistics
-        metric.update(images.float(), real=False)
-        out.append(float(metric.compute().item()))
-    return out
 
 
 def fid_matrix(metric_factory: Callable, rows: list[torch.Tensor], columns: list[torch.Tensor]) -> list[list[float]]:

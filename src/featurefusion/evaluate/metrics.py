@@ -371,3 +371,16 @@ def build_metric(name: str, **options) -> Metric:
 def parse_metric_names(text: str | Sequence[str]) -> list[str]:
     names = text.split(",") if isinstance(text, str) else list(text)
     return [ALIASES.get(n.strip().lower(), n.strip().lower()) for n in names if n.strip()]
+
+
+def fid_columns(metric, image_sets: list[torch.Tensor], reference: torch.Tensor) -> list[float]:
+    """FID of each image set against one reference set (its statistics computed once)."""
+    metric.reset_real_features = False
+    metric.reset()
+    metric.update(reference.float(), real=True)
+    out = []
+    for images in image_sets:
+        metric.reset()  # keeps the reference statistics
+        metric.update(images.float(), real=False)
+        out.append(float(metric.compute().item()))
+    return out

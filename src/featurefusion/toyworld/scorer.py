@@ -504,14 +504,10 @@ def frechet_distances(
     for name, x in (("reference_images", reference_images), *(("images", x) for x in image_sets)):
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[0] < 2:
             raise ScorerError(f"{name} must be a [B, 3, H, W] tensor with B >= 2, got {getattr(x, 'shape', x)!r}")
+    from featurefusion.evaluate.metrics import fid_columns
+
     metric = FrechetInceptionDistance(feature=_FeatureExtractor(scorer), normalize=True, reset_real_features=False)
-    metric.update(reference_images.float(), real=True)
-    out = []
-    for images in image_sets:
-        metric.reset()  # keeps the reference statistics
-        metric.update(images.float(), real=False)
-        out.append(float(metric.compute().item()))
-    return out
+    return fid_columns(metric, list(image_sets), reference_images)
 
 
 def _resolve_task(task: Task | str) -> Task:
