@@ -11,20 +11,12 @@ from pathlib import Path
 import torch
 
 from featurefusion.errors import DataError
+from featurefusion.toyworld.train import SPECIALIST_TASKS
 from featurefusion.toyworld.world import make_batch, standard_tasks
 
 # The built-in world's aggregator data: every specialist task and the base's broad mix in equal parts, so
 # the aggregators see each task's prompts as often as every other's.
-TOY_TASKS = (
-    "broad",
-    "objects-round",
-    "objects-angular",
-    "objects-pointy",
-    "objects-symbol",
-    "style-striped",
-    "style-outlined",
-    "style-dark",
-)
+TOY_TASKS = ("broad", *SPECIALIST_TASKS)
 
 
 class ToyWorldData:
