@@ -4,7 +4,8 @@
 
 Builds SD 1.x single-file checkpoints (random fp16 weights, the real ldm key layout and shapes: UNet, CLIP
 text encoder, VAE; ~2.1 GB each), then times in separate processes, each reporting its own peak RSS:
-- the I/O floor: reading every input once into one reused buffer plus writing one output's bytes (fsync'd);
+- the I/O floor: reading every input once into one reused buffer plus writing one output's bytes as merges
+  write them (fsync'd);
 - featurefusion soup (uniform, fp32 maths, fp16 out), on the engine's fast path and on the generic path;
 - sd-mecha's n_average on the same files, when sd-mecha is installed (`pip install sd-mecha`);
 - featurefusion FeatureFusion, exact mode, sparse (the default) and dense (`--skip-dense` to skip).
@@ -90,7 +91,10 @@ def write_models(folder: Path, count: int) -> list[Path]:
 
 
 def io_floor(paths: list[str], out: str, out_bytes: int) -> dict:
-    """Read every input once into one reused buffer, and write `out_bytes` once (with fsync, as merges do)."""
+    """Read every input once into one reused buffer, and write `out_bytes` once the way merges write
+    (`io.atomic.StagedFile`: handed to the disk as written, fsync'd at the end)."""
+    from featurefusion.io.atomic import StagedFile
+
     buffer = bytearray(64 << 20)
     view = memoryview(buffer)
     start = time.perf_counter()
@@ -100,13 +104,15 @@ def io_floor(paths: list[str], out: str, out_bytes: int) -> dict:
                 pass
     read = time.perf_counter() - start
     start = time.perf_counter()
-    with open(out, "wb", buffering=0) as f:
-        left = out_bytes
-        while left:
-            left -= f.write(view[: min(left, len(view))])
-        os.fsync(f.fileno())
+    staged = StagedFile(out)
+    left = out_bytes
+    while left:
+        part = view[: min(left, len(view))]
+        staged.write(part)
+        left -= len(part)
+    staged.stage()  # fsync
     write = time.perf_counter() - start
-    os.unlink(out)
+    staged.abort()
     return {"seconds": read + write, "read": read, "write": write}
 
 

@@ -69,3 +69,41 @@ def test_sweeping_keeps_names_of_live_processes(tmp_path, monkeypatch):
         path.write_bytes(b"")
     assert sorted(p.name for p in sweep_stale(tmp_path)) == sorted([dead.name, ".x.ffstats.safetensors.4194321.data"])
     assert live.exists() and other.exists()
+
+
+def test_writeback_hands_every_window_to_the_disk_and_the_bytes_stay_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "WRITEBACK_BYTES", 4096)
+    calls = []
+    real = atomic._SYNC_RANGE
+    if real is not None:
+        monkeypatch.setattr(
+            atomic,
+            "_SYNC_RANGE",
+            lambda fd, start, size, flags: calls.append((start, size)) or real(fd, start, size, flags),
+        )
+    data = os.urandom(50_000)
+    staged = StagedFile(tmp_path / "out.bin")
+    for begin in range(0, len(data), 3000):  # writes that do not line up with the windows
+        staged.write(memoryview(data)[begin : begin + 3000])
+    staged.commit()
+    assert (tmp_path / "out.bin").read_bytes() == data
+    if real is not None:
+        started = [c for c in calls if c[0] + c[1] <= len(data)]
+        assert started and started[0][0] == 0
+        # the windows started, in order, cover every byte up to the last full window
+        ends = sorted({start + size for start, size in calls})
+        assert ends[-1] >= len(data) - 4096 - 3000
+
+
+def test_a_writer_without_hashing_says_so_when_asked_for_the_hash(tmp_path):
+    import torch
+
+    from featurefusion.io.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
+
+    writer = StreamingSafetensorsWriter(
+        tmp_path / "m.safetensors", [PlannedTensor("a", torch.float32, (2,))], None, False
+    )
+    writer.write("a", torch.ones(2))
+    with pytest.raises(RuntimeError, match="without hash_content"):
+        writer.sha256()
+    writer.abort()

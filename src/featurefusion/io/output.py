@@ -144,7 +144,7 @@ def _holds_a_model(folder: Path) -> bool:
 class CheckpointWriter:
     """Streams canonical tensors into the files of an `OutputPlan`; all or nothing (see `io.atomic`)."""
 
-    def __init__(self, plan: OutputPlan, metadata: Mapping[str, str]):
+    def __init__(self, plan: OutputPlan, metadata: Mapping[str, str], hash_content: bool = True):
         self.plan = plan
         # Transformers refuses safetensors files whose metadata lacks the framework tag.
         self.metadata = {"format": "pt", **metadata}
@@ -155,7 +155,7 @@ class CheckpointWriter:
                 _copy_template(plan.template, self._folder.path, set(plan.files))
             for rel, planned in plan.files.items():
                 file_path = (self._folder.path / rel) if self._folder is not None else plan.path
-                self._writers[rel] = StreamingSafetensorsWriter(file_path, planned, self.metadata)
+                self._writers[rel] = StreamingSafetensorsWriter(file_path, planned, self.metadata, hash_content)
         except BaseException:
             self.abort()
             raise

@@ -321,7 +321,11 @@ class StreamingSafetensorsWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike, planned: list[PlannedTensor], metadata: Mapping[str, str] | None = None
+        self,
+        path: str | os.PathLike,
+        planned: list[PlannedTensor],
+        metadata: Mapping[str, str] | None = None,
+        hash_content: bool = True,
     ):
         self.path = Path(path)
         self._planned = planned
@@ -329,7 +333,8 @@ class StreamingSafetensorsWriter:
         self._partial = 0  # bytes of the next planned tensor already written by `write_bytes`
         self._staged = StagedFile(self.path)
         # The file's SHA-256, from the bytes as they are written: side files record it (no second pass).
-        self._hash = hashlib.sha256()
+        # Off when nothing will record it: hashing costs about half the time of writing the bytes.
+        self._hash = hashlib.sha256() if hash_content else None
         try:
             self._write(build_header(planned, metadata))
         except BaseException:
@@ -337,7 +342,8 @@ class StreamingSafetensorsWriter:
             raise
 
     def _write(self, data) -> None:
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self._staged.write(data)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -370,6 +376,8 @@ class StreamingSafetensorsWriter:
 
     def sha256(self) -> str:
         """SHA-256 of the whole file (once every tensor has been written)."""
+        if self._hash is None:
+            raise RuntimeError(f"writer for {self.path} was made without hash_content")
         return self._hash.hexdigest()
 
     def finish(self) -> list[StagedFile]:

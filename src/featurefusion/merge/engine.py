@@ -144,7 +144,8 @@ def _run_merge(job: MergeJob, side_files: list) -> MergeReport:
         # Weighted sums of whole tensors take the buffer-reusing fast path (see `streaming`).
         fast = job.nan_policy == "error" and job.overflow == "error"  # skipping or clamping: the generic path
         items = plan_items(modules, models, methods, out_dtype) if fast else None
-        with CheckpointWriter(plan, metadata) as writer:
+        # Only side files record the model's SHA-256; without them the bytes are not hashed.
+        with CheckpointWriter(plan, metadata, hash_content=bool(side_files)) as writer:
             fault_point("staged")
             bar = tqdm(total=len(entries), unit="key", desc="merging", disable=bar_disabled(job.progress))
             try:
