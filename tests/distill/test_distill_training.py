@@ -117,3 +117,30 @@ def test_incremental_adds_entries_and_keeps_the_old_shapes(teachers, tmp_path, r
         assert p_old.shape == p_new.shape
     assert [t["name"] for t in meta["teachers"]] == ["a", "b", "c"]
     assert meta["incremental"]["regularization"] is regularization
+
+
+def test_training_further_starts_from_the_given_student(teachers, tmp_path):
+    first = tmp_path / "first"
+    named = [f"a={teachers[0]}", f"b={teachers[1]}"]
+    distill(BASE, named, first, DistillConfig(**TINY), progress=False)
+    still = DistillConfig(**{**TINY, "steps": 1, "lr": 1e-12, "style_lr": 1e-12})
+    distill(BASE, named, tmp_path / "further", still, progress=False, init_from=first)
+    distill(BASE, named, tmp_path / "fresh", still, progress=False)
+    trained, further, fresh = _params(first), _params(tmp_path / "further"), _params(tmp_path / "fresh")
+    changed = [k for k in trained if not torch.equal(trained[k], fresh[k])]
+    assert changed  # the first run moved the student away from the base
+    for key in changed:
+        torch.testing.assert_close(further[key], trained[key], atol=1e-6, rtol=0)
+    _, meta = load_student(tmp_path / "further")
+    assert meta["continued"]["from"] == str(first) and meta["continued"]["earlier_training"]["steps"] == 3
+
+
+def test_training_further_needs_the_same_teachers(teachers, tmp_path):
+    from featurefusion.distill.backbone import DistillError
+
+    first = tmp_path / "first"
+    distill(BASE, [f"a={teachers[0]}", f"b={teachers[1]}"], first, DistillConfig(**TINY), progress=False)
+    with pytest.raises(DistillError, match="the student's styles are"):
+        distill(BASE, [f"b={teachers[1]}", f"a={teachers[0]}"], tmp_path / "x", DistillConfig(**TINY),
+                progress=False, init_from=first)  # fmt: skip
+    assert not (tmp_path / "x").exists()

@@ -2,6 +2,7 @@
 
 featurefusion distill BASE TEACHER... -o STUDENT            train a student of the teachers
 featurefusion distill --add TEACHER... --from STUDENT -o NEW add teachers (incremental learning)
+featurefusion distill BASE TEACHER... --from STUDENT -o NEW  train a student further
 featurefusion distill export STUDENT --style NAME -o FILE    one style folded into a plain checkpoint
 """
 
@@ -25,7 +26,9 @@ def register(sub) -> None:
                    "([NAME=]PATH; the style is named after the file); or: export STUDENT")  # fmt: skip
     p.add_argument("-o", "--output", type=Path, required=True, help="student folder (export: the checkpoint file)")
     p.add_argument("--add", nargs="+", metavar="TEACHER", help="teachers to add to the student given by --from")
-    p.add_argument("--from", dest="from_student", type=Path, help="the trained student to add teachers to")
+    p.add_argument("--from", dest="from_student", type=Path,
+                   help="a trained student: with --add, the one to add teachers to; with BASE TEACHER..., "
+                        "the one to train further (same teachers, same order)")  # fmt: skip
     p.add_argument(
         "--no-regularization",
         action="store_true",
@@ -106,7 +109,8 @@ def cmd_distill(args) -> None:
         from featurefusion.distill.run import distill
 
         result = distill(args.inputs[0], args.inputs[1:], args.output, _config(args), args.data, resume=args.resume,
-                         overwrite=args.overwrite, save_dtype=_torch_dtype(args.dtype), progress=progress)  # fmt: skip
+                         overwrite=args.overwrite, save_dtype=_torch_dtype(args.dtype), progress=progress,
+                         init_from=args.from_student)  # fmt: skip
     if result.history.steps:
         h = result.history
         print(f"last step: score {h.score[-1]:.5f}, feature {h.feat[-1]:.4f}, adversarial {h.adv[-1]:.4f}")

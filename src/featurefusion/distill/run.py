@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from featurefusion.distill.backbone import Backbone, DistillError, load_backbone, load_teacher, teacher_name
 from featurefusion.distill.data import open_data, synthesize_sets
-from featurefusion.distill.store import save_student
+from featurefusion.distill.store import load_student, save_student
 from featurefusion.distill.student import StudentUNet
 from featurefusion.distill.trainer import (
     STATE_NAME,
@@ -98,17 +98,32 @@ def distill(
     overwrite: bool = False,
     save_dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> DistillResult:
+    """Train a student of `teachers` (initialised from the base's UNet, or from the trained student
+    `init_from` of the same teachers, to train it further)."""
     output = Path(output)
     named = named_teachers(teachers)
-    check_output(output, [Path(base), *(p for _, p in named)], overwrite or resume)
+    earlier = [Path(init_from)] if init_from is not None else []
+    check_output(output, [Path(base), *(p for _, p in named), *earlier], overwrite or resume)
     config = config or DistillConfig()
     config.validate()
     backbone = load_backbone(base)
     names = [n for n, _ in named]
     common = open_data(data, backbone, names=names)
     check_teachers(named, backbone)
-    student = StudentUNet.from_base(backbone.unet, names, seed=config.seed)
+    continued = None
+    if init_from is None:
+        student = StudentUNet.from_base(backbone.unet, names, seed=config.seed)
+    else:
+        student, earlier_meta = load_student(init_from)
+        if student.names != names:
+            raise DistillError(
+                f"--from: the student's styles are {student.names}, the teachers given are {names} "
+                "(train further with the same teachers in the same order; --add adds new ones)",
+                init_from,
+            )
+        continued = {"from": str(init_from), "earlier_training": earlier_meta.get("training")}
     supervisors = [
         Supervisor(name, (lambda p=path: load_teacher(p, backbone.unet)), style=i)
         for i, (name, path) in enumerate(named)
@@ -119,6 +134,7 @@ def distill(
         "base": str(base),
         "teachers": [{"name": n, "path": str(p), "sha256": model_hash(p)} for n, p in named],
         "data": common.description,
+        **({"continued": continued} if continued else {}),
     }
     return train_and_save(student, supervisors, backbone, common, config, output, meta, resume, save_dtype, progress)
 
