@@ -144,3 +144,24 @@ def test_training_further_needs_the_same_teachers(teachers, tmp_path):
         distill(BASE, [f"b={teachers[1]}", f"a={teachers[0]}"], tmp_path / "x", DistillConfig(**TINY),
                 progress=False, init_from=first)  # fmt: skip
     assert not (tmp_path / "x").exists()
+
+
+def test_the_device_defaults_to_this_process_gpu_and_the_backend_follows(monkeypatch):
+    from featurefusion.distill import trainer
+
+    assert trainer.default_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trainer.default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert trainer.default_device() == torch.device("cuda", 1)
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    trainer.init_distributed(torch.device("cuda", 1))
+    trainer.init_distributed(torch.device("cpu"))
+    assert calls == ["cuda:1", "nccl", "gloo"]

@@ -60,6 +60,7 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT.state/ of an interrupted run")
     t.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    t.add_argument("--device", help="where to train (default: this process's GPU where there is one, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the saved UNet (export: of the file)")
     p.add_argument("--style", help="export: the style to fold in (NAME, or a mix a=0.5,b=0.5)")
     p.add_argument("--format", choices=("ldm", "diffusers-unet", "diffusers"),
@@ -101,7 +102,7 @@ def cmd_distill(args) -> None:
         result = add_teachers(
             args.from_student, args.add, args.output, _config(args), args.data,
             regularization=not args.no_regularization, resume=args.resume, overwrite=args.overwrite,
-            save_dtype=_torch_dtype(args.dtype), progress=progress,
+            save_dtype=_torch_dtype(args.dtype), progress=progress, device=args.device,
         )  # fmt: skip
     else:
         if len(args.inputs) < 2:
@@ -110,7 +111,7 @@ def cmd_distill(args) -> None:
 
         result = distill(args.inputs[0], args.inputs[1:], args.output, _config(args), args.data, resume=args.resume,
                          overwrite=args.overwrite, save_dtype=_torch_dtype(args.dtype), progress=progress,
-                         init_from=args.from_student)  # fmt: skip
+                         init_from=args.from_student, device=args.device)  # fmt: skip
     if result.history.steps:
         h = result.history
         print(f"last step: score {h.score[-1]:.5f}, feature {h.feat[-1]:.4f}, adversarial {h.adv[-1]:.4f}")

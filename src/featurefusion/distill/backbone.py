@@ -37,18 +37,30 @@ class Backbone:
     scheduler: DDPMScheduler
     toy: bool
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.text_encoder.parameters()).device
+
+    def to(self, device: torch.device) -> Backbone:
+        """Text encoder, VAE and UNet onto `device` (where a trainer's student is)."""
+        for part in (self.text_encoder, self.vae, self.unet):
+            if part is not None:
+                part.to(device)
+        return self
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         length = self.tokenizer.model_max_length
         ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-        return self.text_encoder(ids.input_ids)[0].float()
+        return self.text_encoder(ids.input_ids.to(self.device))[0].float()
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] -> the UNet's input space (VAE latents, or the pixels themselves)."""
         if self.vae is None:
             return pixels.float()
-        latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generator)
+        # diffusers draws from a CPU generator on the CPU and moves the draw: the same latents on every device.
+        latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.sample(generator=generator)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * self.vae.config.scaling_factor).float()
 
@@ -60,8 +72,9 @@ class Backbone:
         cond, uncond = self.encode_text(prompts), self.encode_text([""])
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(len(prompts), channels, size, size, generator=gen) * scheduler.init_noise_sigma
-        context = torch.cat([uncond.expand(len(prompts), -1, -1), cond])
+        device = next(unet.parameters()).device
+        x = torch.randn(len(prompts), channels, size, size, generator=gen).to(device) * scheduler.init_noise_sigma
+        context = torch.cat([uncond.expand(len(prompts), -1, -1), cond]).to(device)
         for t in scheduler.timesteps:
             e_uncond, e_cond = unet(torch.cat([x, x]), t, context).sample.chunk(2)
             x = scheduler.step(e_uncond + guidance * (e_cond - e_uncond), t, x).prev_sample

@@ -33,6 +33,7 @@ def add_teachers(
     overwrite: bool = False,
     save_dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
+    device: str | None = None,
 ) -> DistillResult:
     output, student_folder = Path(output), Path(student_folder)
     read_meta(student_folder)  # a clear error for a folder that is not a student
@@ -70,4 +71,4 @@ def add_teachers(
         },  # fmt: skip
     }
     return train_and_save(student, supervisors, backbone, common, config, output, new_meta, resume, save_dtype,
-                          progress)  # fmt: skip
+                          progress, device)  # fmt: skip

@@ -129,7 +129,7 @@ class AdversarialTerms:
 
 def renoise(scheduler, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=generator).to(x0.device)
     return scheduler.add_noise(x0, noise, t), t
 
 
@@ -151,7 +151,7 @@ def adversarial_terms(
     feats_s = mid_features(unet, noisy_s, t_s, context, params)
     with torch.no_grad():
         feats_t = mid_features(unet, noisy_t, t_t, context)
-    real = torch.full((x0_student.shape[0],), style, dtype=torch.long)
+    real = torch.full((x0_student.shape[0],), style, dtype=torch.long, device=x0_student.device)
     head_params = {k: v.detach() for k, v in head.named_parameters()}  # the student's loss trains the student only
     generator_loss = F.cross_entropy(torch.func.functional_call(head, head_params, (feats_s,)), real)
     # The head's own loss sees detached features: it must not push gradients into the student.

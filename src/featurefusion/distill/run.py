@@ -26,6 +26,7 @@ from featurefusion.distill.trainer import (
     History,
     Supervisor,
     Trainer,
+    default_device,
     init_distributed,
     invariants_of,
 )
@@ -99,6 +100,7 @@ def distill(
     save_dtype: torch.dtype = torch.float32,
     progress: bool | None = None,
     init_from: str | os.PathLike | None = None,
+    device: str | None = None,
 ) -> DistillResult:
     """Train a student of `teachers` (initialised from the base's UNet, or from the trained student
     `init_from` of the same teachers, to train it further)."""
@@ -136,7 +138,8 @@ def distill(
         "data": common.description,
         **({"continued": continued} if continued else {}),
     }
-    return train_and_save(student, supervisors, backbone, common, config, output, meta, resume, save_dtype, progress)
+    return train_and_save(student, supervisors, backbone, common, config, output, meta, resume, save_dtype, progress,
+                          device)  # fmt: skip
 
 
 def train_and_save(
@@ -150,15 +153,18 @@ def train_and_save(
     resume: bool,
     save_dtype: torch.dtype,
     progress: bool | None,
+    device: str | torch.device | None = None,
 ) -> DistillResult:
-    init_distributed()
+    device = default_device(device)
+    init_distributed(device)
     start = time.perf_counter()
-    trainer = Trainer(student, supervisors, backbone, config, classes=len(student.names))
+    backbone.to(device)
+    trainer = Trainer(student, supervisors, backbone, config, classes=len(student.names), device=device)
     invariants = invariants_of(config, trainer.slots, student.names)
     states = state_dir(output)
     state_file = states / STATE_NAME
     if resume and state_file.is_file():
-        trainer.load_state_dict(torch.load(state_file, weights_only=False), invariants, state_file)
+        trainer.load_state_dict(torch.load(state_file, weights_only=False, map_location="cpu"), invariants, state_file)
     first = trainer.step
 
     def save_state(t: Trainer) -> None:

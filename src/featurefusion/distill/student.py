@@ -132,7 +132,7 @@ class StudentUNet(nn.Module):
         if isinstance(style, (str, int, dict)):
             return self.prompts.weights(style)
         if style.dtype in (torch.int64, torch.int32):
-            return torch.nn.functional.one_hot(style.long(), len(self.names)).float()
+            return torch.nn.functional.one_hot(style.long(), len(self.names)).float().to(self.prompts.codebook.device)
         return style
 
     @contextlib.contextmanager

@@ -8,6 +8,10 @@ every process takes the same optimizer step. So one process with accumulation 2 
 processes with accumulation 1, and a run resumed from a saved state takes the steps the uninterrupted run
 would have taken.
 
+Devices: the student, its head and the supervisors live on the trainer's device (by default the process's
+GPU where there is one, else the CPU); random draws are made on the CPU from the slot's seeded generator and
+moved, so a slot's batch, noise and timesteps are the same on every device.
+
 A supervisor is a teacher UNet with its style index, or (incremental learning, §3.5) the frozen earlier
 student with a style drawn at random from its old styles at every slot.
 
@@ -88,11 +92,12 @@ class Supervisor:
     style: int | None = None  # the student's style index for a teacher
     styles: list[int] | None = None  # for a frozen student: the styles it can stand for
     _model: torch.nn.Module | None = None
+    device: torch.device = torch.device("cpu")  # set by the trainer
 
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = self.loader()
+            self._model = self.loader().to(self.device)
             self.tap = FeatureTap(self._model.unet if isinstance(self._model, StudentUNet) else self._model)
         return self._model
 
@@ -134,11 +139,24 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> None:
-    """Join the process group torchrun / accelerate launch describe in the environment (no-op alone). Gloo:
-    the trainer keeps its tensors on the CPU (device placement is not implemented yet)."""
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """`device` as given; by default this process's GPU (LOCAL_RANK under torchrun / accelerate launch) where
+    there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device | None = None) -> None:
+    """Join the process group torchrun / accelerate launch describe in the environment (no-op alone): NCCL
+    when the trainer's tensors are on GPUs, gloo on CPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        device = device or default_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 class Trainer:
@@ -149,16 +167,21 @@ class Trainer:
         backbone: Backbone,
         config: DistillConfig,
         classes: int | None = None,
+        device: str | torch.device | None = None,
     ):
         config.validate()
         self.student, self.supervisors, self.backbone, self.config = student, supervisors, backbone, config
+        self.device = default_device(device)
+        self.student.to(self.device)
+        for sup in supervisors:
+            sup.device = self.device
         self.rank, self.world = world()
         self.accumulation = config.accumulation or max(1, -(-len(supervisors) // self.world))
         self.slots = self.world * self.accumulation
         self.tap = FeatureTap(student.unet)
         mid_channels = student.unet.config.block_out_channels[-1]
         torch.manual_seed(config.seed)  # the head's initialisation, identical on every process
-        self.head = Discriminator(mid_channels, 2 * (classes or len(student.names)))
+        self.head = Discriminator(mid_channels, 2 * (classes or len(student.names))).to(self.device)
         self.student.train()
         groups = [{"params": list(self.student.unet.parameters()), "lr": config.lr},
                   {"params": list(self.student.prompts.parameters()), "lr": config.style_lr or config.lr}]  # fmt: skip
@@ -170,7 +193,7 @@ class Trainer:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(self.student.parameters(), decay=config.ema)
-        self.empty = backbone.encode_text([""])
+        self.empty = backbone.encode_text([""]).to(self.device)
         self.history = History()
         self.step = 0  # optimizer steps done over both stages
 
@@ -192,20 +215,21 @@ class Trainer:
         gen = torch.Generator().manual_seed(seed)
         style = sup.pick(gen)
         batch = data.batch(self.backbone, seed % (2**63), cfg.batch_size, teacher=sup.style)
-        x0 = batch.x0
-        context = self.backbone.encode_text(batch.prompts)
-        drop = torch.rand(len(batch.prompts), generator=gen) < cfg.uncond_prob
+        device = self.device
+        x0 = batch.x0.to(device)
+        context = self.backbone.encode_text(batch.prompts).to(device)
+        drop = (torch.rand(len(batch.prompts), generator=gen) < cfg.uncond_prob).to(device)
         context = torch.where(drop.view(-1, 1, 1), self.empty.expand_as(context), context)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         sched = self.backbone.scheduler
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=gen).to(device)
         noisy = sched.add_noise(x0, noise, t)
-        styles = torch.full((len(x0),), style, dtype=torch.long)
+        styles = torch.full((len(x0),), style, dtype=torch.long, device=device)
         with self.tap.record() as feats_s:
             eps_s = self.student(noisy, t, context, style=styles)
         eps_t, feats_t = sup(noisy, t, context, style)
         losses = {"score": score_loss(eps_s, eps_t)}
-        zero = torch.zeros(())
+        zero = torch.zeros((), device=device)
         losses["feat"] = feature_loss(list(feats_s), feats_t) if cfg.lambda_feat else zero
         if cfg.lambda_adv:
             terms = adversarial_terms(self.student.unet, self.head, sched, predict_x0(sched, noisy, eps_s, t),
@@ -235,7 +259,8 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if self.world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params] + [torch.tensor(list(totals.values()))])
+            totals_tensor = torch.tensor(list(totals.values()), device=self.device)
+            flat = torch.cat([p.grad.reshape(-1) for p in params] + [totals_tensor])
             dist.all_reduce(flat)
             offset = 0
             for p in params:
@@ -306,10 +331,11 @@ class Trainer:
         self.step = state["step"]
 
     def final_student(self) -> StudentUNet:
+        """The trained student, on the CPU (to be saved)."""
         if self.ema is not None:
             self.ema.copy_to(self.student.parameters())
         self.student.eval()
-        return self.student
+        return self.student.to("cpu")
 
 
 def invariants_of(config: DistillConfig, slots: int, styles: list[str]) -> dict:
