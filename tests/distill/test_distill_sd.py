@@ -42,3 +42,27 @@ def test_stable_diffusion_student_end_to_end(tiny, tmp_path):
     assert main(["sample", str(out), "--style", "one=0.5,two=0.5", "--prompts", str(prompts), "--out", str(samples),
                  "--steps", "2", "--no-progress"]) == 0  # fmt: skip
     assert len(list(samples.glob("*.png"))) >= 1
+
+
+def test_an_sdxl_base_is_refused_with_the_reason(tiny, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from featurefusion.distill.backbone import DistillError, load_backbone
+
+    base = tmp_path / "sdxl-like"
+    shutil.copytree(tiny.pipeline, base)
+    config = dict(UNet2DConditionModel.load_config(base / "unet"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    cross = config["cross_attention_dim"]
+    config.update(addition_embed_type="text_time", addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=cross + 6 * 8)  # fmt: skip
+    shutil.rmtree(base / "unet")
+    UNet2DConditionModel(**config).save_pretrained(base / "unet")
+    try:
+        load_backbone(base)
+    except DistillError as err:
+        assert "added conditioning" in str(err) and str(base) in str(err)
+    else:
+        raise AssertionError("an SDXL-like base was accepted")

@@ -105,6 +105,13 @@ def load_backbone(base: str | os.PathLike) -> Backbone:
         raise
     except Exception as err:  # config and weight errors come in many types; all mean "cannot load"
         raise DistillError(f"cannot load the base: {type(err).__name__}: {err}", folder) from err
+    if parts["unet"].config.get("addition_embed_type") is not None:
+        raise DistillError(
+            "this base's UNet needs added conditioning (SDXL's pooled text embeddings and time ids, "
+            f"addition_embed_type={parts['unet'].config.addition_embed_type!r}); distillation supports SD 1.x/2.x "
+            "UNets",
+            folder,
+        )
     if parts["scheduler"].config.prediction_type != "epsilon":
         raise DistillError("only epsilon-prediction models can be distilled (scheduler prediction_type)", folder)
     parts["text_encoder"].requires_grad_(False).eval()
