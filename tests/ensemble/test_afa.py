@@ -129,13 +129,16 @@ def test_save_load_round_trip_and_hash_check(toy_members, tmp_path):
         load_afa(tmp_path / "afa")
 
 
-def test_training_refuses_an_existing_folder_without_resume_and_resumes_to_the_same_result(toy_members, tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_training_refuses_an_existing_folder_without_resume_and_resumes_to_the_same_result(
+    toy_members, tmp_path, schedule
+):
     from featurefusion.ensemble.data import ToyWorldData
     from featurefusion.ensemble.io import load_aggregators
     from featurefusion.ensemble.train import AFATrainConfig, train_aggregators
 
     data = ToyWorldData()
-    config = AFATrainConfig(steps=4, batch_size=8, lr=1e-2, hidden_cap=16, save_every=2)
+    config = AFATrainConfig(steps=4, batch_size=8, lr=1e-2, hidden_cap=16, save_every=2, schedule=schedule)
     train_aggregators(toy_members, data, tmp_path / "whole", config, progress=False)
     train_aggregators(toy_members, data, tmp_path / "parts", AFATrainConfig(**{**config.__dict__, "max_seconds": 1e-9}),
                       progress=False)  # fmt: skip  # stops after its first step
@@ -146,3 +149,27 @@ def test_training_refuses_an_existing_folder_without_resume_and_resumes_to_the_s
     whole, parts = load_aggregators(tmp_path / "whole"), load_aggregators(tmp_path / "parts")
     for (name, a), b in zip(whole.state_dict().items(), parts.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_further_starts_from_the_given_aggregators_of_the_same_members(toy_members, tmp_path):
+    from featurefusion.ensemble.data import ToyWorldData
+    from featurefusion.ensemble.io import Members, load_aggregators, read_config
+    from featurefusion.ensemble.train import AFATrainConfig, train_aggregators
+
+    data = ToyWorldData()
+    train_aggregators(toy_members, data, tmp_path / "first", AFATrainConfig(steps=3, batch_size=8, lr=1e-2,
+                      hidden_cap=16), progress=False)  # fmt: skip
+    still = AFATrainConfig(steps=1, batch_size=8, lr=1e-12, hidden_cap=16, schedule="cosine")
+    train_aggregators(toy_members, data, tmp_path / "further", still, progress=False, init_from=tmp_path / "first")
+    first, further = load_aggregators(tmp_path / "first"), load_aggregators(tmp_path / "further")
+    moved = 0
+    for (name, a), b in zip(first.state_dict().items(), further.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+        moved += int(a.abs().sum() > 0 and "to_logits" in name)
+    assert moved  # the first run trained the zero-initialised logits convs, the second kept them
+    assert read_config(tmp_path / "further")["training"]["continued"]["from"] == str(tmp_path / "first")
+
+    swapped = Members(toy_members.pipe, toy_members.unets[::-1], toy_members.paths[::-1], toy_members.toy)
+    with pytest.raises(EnsembleError, match="same members in the same order"):
+        train_aggregators(swapped, data, tmp_path / "x", still, progress=False, init_from=tmp_path / "first")
+    assert not (tmp_path / "x").exists()

@@ -35,6 +35,18 @@ def register(sub) -> None:
     t.add_argument("--max-minutes", type=float, default=0, help="stop and save after this long (0: no limit)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from AFA_DIR/state")
+    t.add_argument(
+        "--schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning rate: constant (the paper's) or cosine decay to 0 at --steps",
+    )
+    t.add_argument(
+        "--from",
+        dest="init_from",
+        type=Path,
+        help="start from the aggregators of this AFA folder (same members, same order)",
+    )
     t.add_argument("--no-progress", action="store_true")
 
 
@@ -49,8 +61,10 @@ def cmd_ensemble_train(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         uncond_prob=args.uncond_prob, hidden_cap=args.hidden_cap, seed=args.seed, save_every=args.save_every,
         precision=args.precision, save_dtype=args.save_dtype, max_seconds=60 * args.max_minutes,
+        schedule=args.schedule,
     )  # fmt: skip
-    result = train_aggregators(members, data, args.out, config, args.resume, False if args.no_progress else None)
+    result = train_aggregators(members, data, args.out, config, args.resume, False if args.no_progress else None,
+                               init_from=args.init_from)  # fmt: skip
     if result.losses:
         tenth = max(1, len(result.losses) // 10)
         first, last = result.losses[:tenth], result.losses[-tenth:]

@@ -6,12 +6,14 @@ probability 0.1 so that the ensemble supports classifier-free guidance.
 Data-parallel with accelerate: every step has one global batch (a pure function of the seed and the step);
 each process takes an equal slice and accelerate averages the gradients, so N processes take the same steps
 as one process on the whole batch. State (aggregators, optimizer, step) is saved under `AFA_DIR/state/`
-every `save_every` steps and at the end; `resume` continues from it.
+every `save_every` steps and at the end; `resume` continues from it. `init_from` starts instead from the
+aggregators of another AFA folder of the same members (to train them further, e.g. with a decaying rate).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from featurefusion.ensemble.io import Members, save_aggregators
+from featurefusion.ensemble.io import Members, load_aggregators, read_config, save_aggregators
 from featurefusion.ensemble.unet import AFAUNet, EnsembleError
 from featurefusion.io.atomic import write_json_atomic
 from featurefusion.progress import bar_disabled
@@ -43,6 +45,7 @@ class AFATrainConfig:
     precision: str = "fp32"  # "bf16": forward under CPU/GPU autocast to bfloat16
     save_dtype: str = "fp32"
     max_seconds: float = 0.0  # stop (and save) after this much training time, before `steps` if need be; 0: no limit
+    schedule: str = "constant"  # learning rate: "constant" (the paper's) or "cosine" (to 0 at `steps`)
 
 
 @dataclass
@@ -71,8 +74,10 @@ def drop_prompts(prompts: list[str], probability: float, generator: torch.Genera
 
 
 def train_aggregators(members: Members, data, out: str | os.PathLike, config: AFATrainConfig = AFATrainConfig(),
-                      resume: bool = False, progress: bool | None = None, accelerator=None) -> TrainResult:  # fmt: skip
-    """Train the aggregators of an ensemble of `members` on `data` and save them to `out`."""
+                      resume: bool = False, progress: bool | None = None, accelerator=None,
+                      init_from: str | os.PathLike | None = None) -> TrainResult:  # fmt: skip
+    """Train the aggregators of an ensemble of `members` on `data` and save them to `out` (starting from the
+    trained aggregators in the AFA folder `init_from`, if given)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -84,10 +89,14 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
     state_dir = out / STATE
     if not resume and (out / "afa.json").exists():
         raise EnsembleError(f"{out} already holds aggregators: pass --resume to continue, or choose another folder")
+    if config.schedule not in ("constant", "cosine"):
+        raise EnsembleError(f"schedule must be constant or cosine, not {config.schedule!r}")
     set_seed(config.seed)  # the aggregators' random init (their last conv is zero either way)
-    ensemble = AFAUNet(members.unets, hidden_cap=config.hidden_cap)
+    earlier = _earlier_aggregators(init_from, members) if init_from is not None else None
+    ensemble = AFAUNet(members.unets, aggregators=earlier, hidden_cap=config.hidden_cap)
     ensemble.aggregators.train()
     optimizer = torch.optim.AdamW(ensemble.aggregators.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(config, step))
     pipe = members.pipe
     device = accelerator.device
     ensemble.to(device)
@@ -96,6 +105,8 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
     if vae is not None:
         vae.to(device).requires_grad_(False)
     ensemble, optimizer = accelerator.prepare(ensemble, optimizer)
+    # Not prepared: accelerate would step a prepared scheduler once per process; the batch here is global.
+    accelerator.register_for_checkpointing(schedule)
     start_step = 0
     if resume:
         start_step = _resume(accelerator, state_dir, config)
@@ -127,6 +138,7 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
         if config.grad_clip:
             accelerator.clip_grad_norm_(accelerator.unwrap_model(ensemble).aggregators.parameters(), config.grad_clip)
         optimizer.step()
+        schedule.step()
         mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
         result.losses.append(mean_loss)
         bar.set_postfix(loss=f"{sum(result.losses[-20:]) / len(result.losses[-20:]):.4f}")
@@ -143,11 +155,30 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
         training = {**asdict(config), "data": getattr(data, "description", type(data).__name__),
                     "processes": world, "steps_done": result.end_step,
                     "seconds_this_run": round(result.seconds, 1)}  # fmt: skip
+        if init_from is not None:
+            training["continued"] = {"from": str(init_from), "earlier_training": read_config(init_from).get("training")}
         save_aggregators(out, accelerator.unwrap_model(ensemble).aggregators, member_refs, training,
                          _DTYPES[config.save_dtype])  # fmt: skip
     accelerator.wait_for_everyone()
     result.aggregators = accelerator.unwrap_model(ensemble).aggregators
     return result
+
+
+def _lr_factor(config: AFATrainConfig, step: int) -> float:
+    if config.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, config.steps))))
+    return 1.0
+
+
+def _earlier_aggregators(folder: str | os.PathLike, members: Members):
+    """The aggregators of the AFA folder `folder`, which must have been trained on these very members."""
+    config = read_config(folder)
+    recorded = [ref["sha256"] for ref in config["members"]]
+    now = [ref["sha256"] for ref in members.refs()]
+    if recorded != now:
+        raise EnsembleError(f"{folder}: its aggregators were trained on other member models (or another order); "
+                            "training further needs the same members in the same order")  # fmt: skip
+    return load_aggregators(folder, config)
 
 
 def _out_of_time(accelerator, started: float, limit: float) -> bool:
@@ -184,8 +215,11 @@ def _resume(accelerator, state_dir: Path, config: AFATrainConfig) -> int:
     if not progress.is_file():
         raise EnsembleError(f"{state_dir}: no saved training state to resume from")
     saved = json.loads(progress.read_text())
-    for key in ("batch_size", "lr", "weight_decay", "hidden_cap", "seed", "uncond_prob"):
-        if saved["config"].get(key) != getattr(config, key):
+    keys = ["batch_size", "lr", "weight_decay", "hidden_cap", "seed", "uncond_prob", "schedule"]
+    if config.schedule == "cosine":
+        keys.append("steps")  # the decay is spread over them
+    for key in keys:
+        if saved["config"].get(key, getattr(AFATrainConfig(), key)) != getattr(config, key):
             raise EnsembleError(f"{state_dir}: saved with {key}={saved['config'].get(key)}, "
                                 f"this run has {getattr(config, key)}; resume with the same settings")  # fmt: skip
     accelerator.load_state(str(state_dir))
