@@ -63,3 +63,36 @@ def test_nan_in_a_soup_names_file_and_key_and_leaves_nothing(tiny, tmp_path, mon
         operations.merge([tiny.base, bad], out, "soup")
     assert err.value.path == str(bad) and err.value.key == "unet.down_blocks.0.attentions.0.proj_in.weight"
     assert list(tmp_path.iterdir()) == [bad]
+
+
+@pytest.mark.parametrize(
+    ("values", "fails"),
+    [
+        ((65504.0, 65510.0), False),  # the mean rounds to fp16's largest value: finite, kept
+        ((65504.0, 65600.0), True),  # the mean (65552) rounds to Inf in fp16
+        ((-65504.0, -65600.0), True),
+        ((float("inf"), 1.0), True),  # an infinite input, named by file
+    ],
+)
+def test_fast_path_checks_the_sum_and_its_cast(tiny, tmp_path, monkeypatch, values, fails):
+    monkeypatch.setattr(streaming, "CHUNK", 500)
+    calls = []
+    original = streaming.run_items
+    monkeypatch.setattr(engine, "run_items", lambda *a, **k: calls.append(1) or original(*a, **k))
+    key = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    paths = []
+    for i, value in enumerate(values):
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(tiny.base).items()}
+        state[key].view(-1)[700] = value  # in the second chunk of the tensor (CHUNK 500)
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(state, paths[-1])
+    out = tmp_path / "out.safetensors"
+    if fails:
+        with pytest.raises(CheckpointError, match="Inf") as err:
+            operations.merge(paths, out, "soup", out=OutputOptions(dtype="fp16"))
+        assert err.value.key == "unet.down_blocks.0.attentions.0.proj_in.weight"
+        assert not out.exists()
+    else:
+        operations.merge(paths, out, "soup", out=OutputOptions(dtype="fp16"))
+        assert load_file(out)[key].view(-1)[700].item() == 65504.0
+    assert calls, "the fast path was not taken"

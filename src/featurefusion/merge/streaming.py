@@ -9,9 +9,9 @@ cut into chunks of at most CHUNK elements and every buffer is allocated once and
 
     reader thread:  pread each model's chunk into a free input set  (3 sets rotate)
     main thread:    acc = sum_i w_i x_i in float32, on one thread (the same kernels as `weighted_sum`, so
-                    the bytes equal the generic path's), checked for NaN/Inf, cast into a free output
-                    buffer (2 rotate)
-    writer thread:  append the bytes to the output file
+                    the bytes equal the generic path's); one min/max pass over acc checks it for NaN/Inf
+                    and for values the output dtype cannot hold; cast into a free output buffer (2 rotate)
+    writer thread:  append the bytes to the output file (handed to the disk as they come, `io.atomic`)
 
 A chunk that only copies (non-float tensors; a float copy in its own dtype) goes from the input buffer to
 the writer untouched. Peak memory: the buffers (~150 MB) on top of the interpreter.
@@ -22,6 +22,7 @@ safetensors file and NaN/Inf is an error (a skipped module would need the generi
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -154,7 +155,7 @@ def run_items(items: list[Item], models, writer, output, progress=None) -> None:
             if item.copy:
                 ref = item.sources[0][0]
                 data = buffers[0][: count * ref.dtype.itemsize]
-                if ref.dtype.is_floating_point:
+                if ref.dtype.is_floating_point and not _finite(data.view(ref.dtype)):
                     _check_finite([data.view(ref.dtype)], item, models, None)
                 to_write.put((item, data, lambda b=buffers: free_in.put(b), last))
                 continue
@@ -171,11 +172,16 @@ def run_items(items: list[Item], models, writer, output, progress=None) -> None:
                     # mixed-dtype add is ~1.5x slower); the sums are the same to the bit.
                     view = widened[:count].copy_(view)
                 acc.add_(view, alpha=w)
-            _check_finite(views, item, models, acc)
+            # One pass over the sum settles both checks: finite (else find the input at fault), and inside the
+            # output dtype's range (else check the cast bytes, as rounding may still land on the largest value).
+            largest = _largest_magnitude(acc)
+            if not math.isfinite(largest):
+                _check_finite(views, item, models, acc)
             out = _get(free_out, stop)
             data = out[: count * item.out_dtype.itemsize]
             data.view(item.out_dtype).copy_(acc)
-            _check_cast(data.view(item.out_dtype), item, output)
+            if largest > torch.finfo(item.out_dtype).max:
+                _check_cast(data.view(item.out_dtype), item, output)
             free_in.put(buffers)
             to_write.put((item, data, lambda o=out: free_out.put(o), last))
         to_write.put(None)
@@ -192,6 +198,18 @@ def run_items(items: list[Item], models, writer, output, progress=None) -> None:
             thread.join(timeout=5)
     if errors:
         raise errors[0]
+
+
+def _largest_magnitude(tensor: torch.Tensor) -> float:
+    """max |x| in one pass, NaN if any element is NaN (aminmax propagates it), inf if any is infinite."""
+    if tensor.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(tensor)
+    return max(-float(low), float(high)) if not (low.isnan() or high.isnan()) else math.nan
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return math.isfinite(_largest_magnitude(tensor))
 
 
 def _check_finite(views, item: Item, models, acc) -> None:
