@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ def measure(pipe, run: Callable[[], object], images: int, device: torch.device |
 
 def activation_peak(run: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
+
+    # Kineto, the profiler's C++ side, prints a line to stdout as it starts and as it stops unless its log
+    # level is above its highest (read when the profiler first starts; a user's own setting wins).
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
