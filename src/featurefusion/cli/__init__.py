@@ -46,6 +46,10 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s")
+    if not args.verbose:
+        # Libraries' own INFO lines (accelerate logs five per saved training state) are noise in a CLI.
+        for library in ("accelerate", "diffusers", "transformers"):
+            logging.getLogger(library).setLevel(logging.WARNING)
     previous = _install(signal.SIGTERM, _terminate)
     try:
         return args.handler(args) or 0
