@@ -28,6 +28,7 @@ from featurefusion.merge.featurefusion_math import FeatureFusionOptions
 from featurefusion.merge.operations import OutputOptions
 from featurefusion.toyworld.demo import SHIPPED, DemoConfig, DemoState
 from featurefusion.toyworld.scorer import load_scorer
+from featurefusion.toyworld.train import SPECIALIST_TASKS
 
 
 def scaled_specialists(checkpoints: Path, names: list[str], scale: float, folder: Path) -> Path:
@@ -61,8 +62,11 @@ def main() -> None:
     args = parser.parse_args()
 
     checkpoints = args.checkpoints
-    names = args.specialists.split(",") if args.specialists else sorted(
-        p.stem for p in (checkpoints / "specialists").glob("*.safetensors"))  # fmt: skip
+    if args.specialists:
+        names = args.specialists.split(",")
+    else:  # the demo's order where the names are the built-in tasks: the evaluator's prompts follow the order
+        found = {p.stem for p in (checkpoints / "specialists").glob("*.safetensors")}
+        names = [n for n in SPECIALIST_TASKS if n in found] + sorted(found - set(SPECIALIST_TASKS))
     if args.task_vector_scale is not None:
         folder = args.out.with_name(f"{args.out.stem}-checkpoints")
         checkpoints = scaled_specialists(checkpoints, names, args.task_vector_scale, folder)
