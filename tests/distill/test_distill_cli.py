@@ -93,3 +93,32 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(student, teachers, tmp
     assert "unknown style 'zzz'" in capsys.readouterr().err and not (tmp_path / "s").exists()
     assert main(["distill", "export", str(student), "--style", "zzz", "-o", str(tmp_path / "x.safetensors")]) == 2
     assert "unknown style" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def test_fidt_of_a_student_against_its_teachers(student, teachers, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle , plain\na blue square , dark\n")
+    report = tmp_path / "fidt.json"
+    args = ["distill", "fidt", str(student), "--prompts", str(prompts), "--images-per-prompt", "2",
+            "--sample-steps", "2", "-o", str(report)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(report.read_text())
+    assert result["styles"] == ["a", "b"] and result["settings"]["images"] == 4
+    assert len(result["matrix"]) == 2 and all(len(row) == 2 for row in result["matrix"])
+    assert result["fidt"] == pytest.approx(result["matrix"][0][0] + result["matrix"][1][1])
+    assert result["reference_fidt"] == pytest.approx(result["reference"][0][0] + result["reference"][1][1])
+    assert "FIDt" in capsys.readouterr().out
+
+    # a teacher changed since training: refused, by name, and nothing written
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes(teachers[1].read_bytes())
+    meta = json.loads((student / "student.json").read_text())
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(student, moved)
+    meta["teachers"][1]["path"] = str(changed)
+    meta["teachers"][1]["sha256"] = "0" * 64
+    (moved / "student.json").write_text(json.dumps(meta))
+    assert main([*args[:2], str(moved), *args[3:-1], str(tmp_path / "x.json")]) == 2
+    assert "SHA-256 differs" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

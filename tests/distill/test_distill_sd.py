@@ -43,6 +43,24 @@ def test_stable_diffusion_student_end_to_end(tiny, tmp_path):
                  "--steps", "2", "--no-progress"]) == 0  # fmt: skip
     assert len(list(samples.glob("*.png"))) >= 1
 
+    # FIDt of the Stable Diffusion student: images in [0, 1], here in a small feature space (Inception's
+    # weights would be a download)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from featurefusion.distill.fidt import FIDtSampling, student_fidt
+
+    class ChannelStatistics(torch.nn.Module):
+        num_features = 6
+
+        def forward(self, images):
+            assert images.min() >= 0 and images.max() <= 1
+            flat = images.flatten(2)
+            return torch.cat([flat.mean(2), flat.std(2)], dim=1).double()
+
+    result = student_fidt(out, FIDtSampling(["a photo", "a cat", "a dog", "a car"], steps=2),
+                          lambda: FrechetInceptionDistance(feature=ChannelStatistics(), normalize=True))  # fmt: skip
+    assert result.names == ["one", "two"] and len(result.matrix) == 2 and len(result.reference) == 2
+
 
 def test_an_sdxl_base_is_refused_with_the_reason(tiny, tmp_path):
     import shutil

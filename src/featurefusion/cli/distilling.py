@@ -4,6 +4,7 @@ featurefusion distill BASE TEACHER... -o STUDENT            train a student of t
 featurefusion distill --add TEACHER... --from STUDENT -o NEW add teachers (incremental learning)
 featurefusion distill BASE TEACHER... --from STUDENT -o NEW  train a student further
 featurefusion distill export STUDENT --style NAME -o FILE    one style folded into a plain checkpoint
+featurefusion distill fidt STUDENT --prompts FILE -o OUT.json FIDt: each style against its teacher (DMM §4.2)
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ def register(sub) -> None:
     )
     p.set_defaults(handler=cmd_distill)
     p.add_argument("inputs", nargs="*", metavar="BASE TEACHER", help="base pipeline folder, then teachers "
-                   "([NAME=]PATH; the style is named after the file); or: export STUDENT")  # fmt: skip
-    p.add_argument("-o", "--output", type=Path, required=True, help="student folder (export: the checkpoint file)")
+                   "([NAME=]PATH; the style is named after the file); or: export STUDENT; "
+                   "or: fidt STUDENT")  # fmt: skip
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="student folder (export: the checkpoint file; fidt: the JSON report)")  # fmt: skip
     p.add_argument("--add", nargs="+", metavar="TEACHER", help="teachers to add to the student given by --from")
     p.add_argument("--from", dest="from_student", type=Path,
                    help="a trained student: with --add, the one to add teachers to; with BASE TEACHER..., "
@@ -66,6 +69,13 @@ def register(sub) -> None:
     p.add_argument("--format", choices=("ldm", "diffusers-unet", "diffusers"),
                    help="export layout (default: ldm for a Stable Diffusion student, else diffusers-unet)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
+    f = p.add_argument_group("fidt (the teachers are found by the paths and SHA-256 the student recorded)")
+    f.add_argument("--prompts", type=Path, help="prompt file, one per line (as `featurefusion sample` reads)")
+    f.add_argument("--images-per-prompt", type=int, default=1)
+    f.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per image")
+    f.add_argument("--guidance", type=float, default=3.0)
+    f.add_argument("--feature", type=int, default=2048, help="Inception feature layer (Stable Diffusion students)")
+    f.add_argument("--scorer", type=Path, help="built-in world: the scorer whose features FID uses (default: shipped)")
 
 
 def _config(args):
@@ -94,6 +104,8 @@ def cmd_distill(args) -> None:
     progress = False if args.no_progress else None
     if args.inputs and args.inputs[0] == "export":
         return cmd_export(args)
+    if args.inputs and args.inputs[0] == "fidt":
+        return cmd_fidt(args)
     if args.add:
         if args.from_student is None or args.inputs:
             raise DistillError("--add TEACHER... needs --from STUDENT and no BASE")
@@ -128,6 +140,42 @@ def cmd_export(args) -> None:
     report = export_style(Path(args.inputs[1]), args.style, args.output, args.format, args.dtype,
                           progress=False if args.no_progress else None)  # fmt: skip
     print(f"wrote {report.output} ({report.format}, {report.dtype}, {report.keys} tensors): style {args.style}")
+
+
+def cmd_fidt(args) -> None:
+    from featurefusion.distill.backbone import DistillError
+    from featurefusion.distill.fidt import FIDtSampling, inception_metric, scorer_metric, student_fidt
+    from featurefusion.evaluate.sampling import read_prompts
+    from featurefusion.io.atomic import write_json_atomic
+
+    if len(args.inputs) != 2 or args.prompts is None:
+        raise DistillError("usage: featurefusion distill fidt STUDENT --prompts FILE -o REPORT.json")
+    student = Path(args.inputs[1])
+    prompts = [p for p in read_prompts(args.prompts) for _ in range(args.images_per_prompt)]
+    if len(prompts) < 2:
+        raise DistillError(
+            "FID needs at least 2 images per set: give more prompts or --images-per-prompt", args.prompts
+        )
+    if (student / "vae").is_dir():
+        metric = inception_metric(args.feature)
+    else:
+        from featurefusion.toyworld.demo import SHIPPED
+        from featurefusion.toyworld.scorer import load_scorer
+
+        metric = scorer_metric(load_scorer(args.scorer or SHIPPED / "scorer.safetensors"))
+    sampling = FIDtSampling(prompts, args.sample_steps, args.guidance)
+    result = student_fidt(student, sampling, metric)
+    settings = {"prompts": str(args.prompts), "images": len(prompts), "steps": args.sample_steps,
+                "guidance": args.guidance, "seeds": list(sampling.seeds)}  # fmt: skip
+    write_json_atomic(args.output, {"student": str(student), "settings": settings, **result.as_dict()})
+    width = max(len(n) for n in result.names)
+    print(f"{'style':<{width}}  student M(i,i)  reference M_ref(i,i)")
+    for name, own, ref in zip(result.names, result.diagonal().values(), result.reference_diagonal().values(),
+                              strict=True):  # fmt: skip
+        print(f"{name:<{width}}  {own:14.1f}  {ref:20.1f}")
+    change = 100 * (result.fidt / result.reference_fidt - 1) if result.reference_fidt else float("nan")
+    print(f"FIDt {result.fidt:.1f} against the teachers' reference {result.reference_fidt:.1f} ({change:+.0f} %); "
+          f"wrote {args.output}")  # fmt: skip
 
 
 def sample_student(args, settings) -> None:

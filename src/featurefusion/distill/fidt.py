@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -80,3 +81,100 @@ def inception_metric(feature: int = 2048) -> Callable:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return lambda: FrechetInceptionDistance(feature=feature, normalize=True)
+
+
+# ---- FIDt of a saved student: sample it and its teachers -------------------------------------------------
+@dataclass(frozen=True)
+class FIDtSampling:
+    prompts: list[str]
+    steps: int = 20
+    guidance: float = 3.0
+    seeds: tuple[int, int] = (1000, 1001)  # teachers' batches a and b; the student samples with b
+
+
+def teacher_paths(student_folder: Path, meta: dict) -> list[tuple[str, Path]]:
+    """Each teacher's recorded path (as given, else relative to the student's folder), checked by SHA-256."""
+    from featurefusion.distill.backbone import DistillError
+    from featurefusion.io.recipe import model_hash
+
+    found = []
+    for teacher in meta.get("teachers", []):
+        candidates = [Path(teacher["path"]), student_folder / teacher["path"], student_folder.parent / teacher["path"]]
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            raise DistillError(f"teacher {teacher['name']!r} not found at its recorded path {teacher['path']}",
+                               student_folder)  # fmt: skip
+        if teacher.get("sha256") and model_hash(path) != teacher["sha256"]:
+            raise DistillError(f"teacher {teacher['name']!r}: SHA-256 differs from the one the student was trained "
+                               "with", path)  # fmt: skip
+        found.append((teacher["name"], path))
+    return found
+
+
+def sample_sets(student_folder: str | Path, sampling: FIDtSampling):
+    """(names, student sets, teacher sets a, teacher sets b): each style of the student and each teacher
+    sampled on the prompts. Built-in world students give images in [-1, 1] (the scorer's input), Stable
+    Diffusion ones in [0, 1] (what Inception FID takes)."""
+    from featurefusion.distill.store import read_meta
+
+    student_folder = Path(student_folder)
+    meta = read_meta(student_folder)
+    teachers = teacher_paths(student_folder, meta)
+    if not (student_folder / "vae").is_dir():
+        return _toy_sets(student_folder, teachers, sampling)
+    return _sd_sets(student_folder, teachers, sampling)
+
+
+def _toy_sets(folder: Path, teachers, sampling: FIDtSampling):
+    from featurefusion.distill.toy_sampling import load_toy_student
+    from featurefusion.toyworld.models import load_pipeline
+
+    student = load_toy_student(folder)
+    n = len(sampling.prompts)
+
+    def draw(pipe, seed, styles=None):
+        extra = {} if styles is None else {"styles": styles}
+        return pipe(sampling.prompts, steps=sampling.steps, guidance_scale=sampling.guidance, seed=seed, **extra)
+
+    names, students, teachers_a, teachers_b = [], [], [], []
+    for name, path in teachers:
+        teacher = load_pipeline(path) if path.is_dir() else load_pipeline(folder, path)
+        names.append(name)
+        teachers_a.append(draw(teacher, sampling.seeds[0]).float())
+        teachers_b.append(draw(teacher, sampling.seeds[1]).float())
+        students.append(draw(student, sampling.seeds[1], [name] * n).float())
+    return names, students, teachers_a, teachers_b
+
+
+def _sd_sets(folder: Path, teachers, sampling: FIDtSampling):
+    from featurefusion.distill.export import fold_into_pipeline_unet
+    from featurefusion.evaluate.sampling import load_pipeline, load_weights_into
+
+    def draw(pipe, seed):
+        generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(sampling.prompts))]
+        with torch.no_grad():
+            out = pipe(sampling.prompts, num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+                       generator=generators, output_type="pt")  # fmt: skip
+        return out.images.float().cpu()
+
+    pipe = load_pipeline(folder)
+    plain_bias = pipe.unet.time_embedding.linear_2.bias.detach().clone()
+    names, students, teachers_a, teachers_b = [], [], [], []
+    for name, path in teachers:
+        with torch.no_grad():
+            pipe.unet.time_embedding.linear_2.bias.copy_(plain_bias)
+        fold_into_pipeline_unet(pipe.unet, folder, name)
+        students.append(draw(pipe, sampling.seeds[1]))
+        teacher = load_pipeline(path) if (path / "model_index.json").is_file() else load_pipeline(folder)
+        if not (path / "model_index.json").is_file():
+            load_weights_into(teacher, path)  # the teacher's UNet (and what else its file holds)
+        names.append(name)
+        teachers_a.append(draw(teacher, sampling.seeds[0]))
+        teachers_b.append(draw(teacher, sampling.seeds[1]))
+        del teacher
+    return names, students, teachers_a, teachers_b
+
+
+def student_fidt(student_folder: str | Path, sampling: FIDtSampling, metric_factory: Callable) -> FIDtResult:
+    names, students, teachers_a, teachers_b = sample_sets(student_folder, sampling)
+    return compute_fidt(names, students, teachers_a, teachers_b, metric_factory)
