@@ -19,3 +19,16 @@ def test_no_replay_is_exactly_the_shard_batch():
     specs, images = _batch(tasks["objects-round"], tasks["broad"], 0.0, 32, seed=5)
     expected_specs, expected_images = make_batch(tasks["objects-round"], 32, seed=5, split="train")
     assert specs == expected_specs and torch.equal(images, expected_images)
+
+
+def test_specialists_alone_from_a_trained_base(tmp_path, capsys):
+    from featurefusion.cli import main
+    from featurefusion.toyworld.demo import SHIPPED
+    from featurefusion.toyworld.train import SPECIALIST_TASKS
+
+    args = ["toyworld", "train", "--from-base", str(SHIPPED / "base"), "--specialist-steps", "1",
+            "--specialist-replay", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 2 and "give --out" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert sorted(p.stem for p in (tmp_path / "specialists").iterdir()) == sorted(SPECIALIST_TASKS)
+    assert not (tmp_path / "base").exists() and not (tmp_path / "scorer.safetensors").exists()

@@ -10,7 +10,7 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_demo)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where models and report.md go")
     p.add_argument("--images-per-task", type=int, help="test images per task and model (default 48)")
-    p.add_argument("--steps", type=int, help="DDIM sampling steps (default 15)")
+    p.add_argument("--steps", type=int, help="DDIM sampling steps (default 12)")
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer images, short searches) to try things")
     p.add_argument(
         "--ablation",
@@ -31,6 +31,12 @@ def register(sub) -> None:
         "--specialist-replay",
         type=float,
         help="share of each specialist batch drawn from the base's broad data (default 0.5; 0: the shard only)",
+    )
+    t.add_argument(
+        "--from-base",
+        type=Path,
+        help="a trained base folder: fine-tune only the specialists from it (e.g. the shipped base, with another "
+        "--specialist-replay), into --out/specialists",
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
@@ -57,6 +63,7 @@ def cmd_toyworld_train(args) -> None:
     import json
     from dataclasses import replace
 
+    from featurefusion.errors import FeatureFusionError
     from featurefusion.toyworld.demo import SHIPPED
     from featurefusion.toyworld.train import TrainConfig, build_world
 
@@ -67,5 +74,8 @@ def cmd_toyworld_train(args) -> None:
         config = replace(config, specialist_steps=args.specialist_steps)
     if args.specialist_replay is not None:
         config = replace(config, specialist_replay=args.specialist_replay)
-    timings = build_world(args.out or SHIPPED, config, progress=False if args.no_progress else None)
+    if args.from_base is not None and args.out is None:
+        raise FeatureFusionError("--from-base writes new specialists: give --out (the shipped ones stay as they are)")
+    timings = build_world(args.out or SHIPPED, config, progress=False if args.no_progress else None,
+                          from_base=args.from_base)  # fmt: skip
     print(json.dumps({k: round(v, 1) for k, v in timings.items()}, indent=2))

@@ -162,31 +162,39 @@ def save_unet_file(unet: UNet2DConditionModel, path: Path, dtype: torch.dtype = 
     save_file(state, path, metadata={"format": "pt"})
 
 
-def build_world(out_dir: Path, config: TrainConfig = TrainConfig(), progress: bool | None = None) -> dict:
-    """Train the base and every specialist, and save them where the package ships them. Returns timings."""
+def build_world(
+    out_dir: Path, config: TrainConfig = TrainConfig(), progress: bool | None = None, from_base: Path | None = None
+) -> dict:
+    """Train the base, every specialist and the scorer, and save them where the package ships them (with
+    `from_base`, a trained base folder: only the specialists, fine-tuned from it). Returns timings."""
     from featurefusion.toyworld.scorer import SHIPPED_SCORER, save_scorer, train_scorer
 
     out_dir = Path(out_dir)
     timings = {}
-    start = time.perf_counter()
-    base = train_base(config, progress)
     if bar_disabled(progress):
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
         diffusers_logging.disable_progress_bar()  # save_pretrained's own shard bars
         transformers_logging.disable_progress_bar()
-    # Shipped in fp16 to keep the package small. `.half()`, not `.to(float16)`: diffusers' `to` warns about
-    # modules to keep in float32, and this UNet has none.
-    base.unet.half()
-    base.save_pretrained(out_dir / "base", safe_serialization=True)
-    base = load_pipeline(out_dir / "base")  # specialists start from the base exactly as shipped
-    timings["base"] = time.perf_counter() - start
+    if from_base is not None:
+        base = load_pipeline(from_base)
+    else:
+        start = time.perf_counter()
+        base = train_base(config, progress)
+        # Shipped in fp16 to keep the package small. `.half()`, not `.to(float16)`: diffusers' `to` warns about
+        # modules to keep in float32, and this UNet has none.
+        base.unet.half()
+        base.save_pretrained(out_dir / "base", safe_serialization=True)
+        base = load_pipeline(out_dir / "base")  # specialists start from the base exactly as shipped
+        timings["base"] = time.perf_counter() - start
     for name in SPECIALIST_TASKS:
         start = time.perf_counter()
         unet = finetune_specialist(base, name, config, progress)
         save_unet_file(unet, out_dir / "specialists" / f"{name}.safetensors")
         timings[name] = time.perf_counter() - start
+    if from_base is not None:
+        return timings
     start = time.perf_counter()
     scorer = train_scorer(seed=config.seed, progress=progress)
     save_scorer(scorer, out_dir / SHIPPED_SCORER.name)
