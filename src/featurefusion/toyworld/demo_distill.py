@@ -43,7 +43,10 @@ def _results(state) -> DMMResults:
     # Kept on the demo state as an attribute of its own, so the demo's dataclass stays as it is.
     if getattr(state, "dmm", None) is None:
         meta = json.loads((student_folder(state.config) / "student.json").read_text())
-        state.dmm = DMMResults({}, None, meta.get("training", {}))
+        training = dict(meta.get("training", {}))
+        if meta.get("continued"):  # trained further from an earlier student: report both runs
+            training["continued"] = meta["continued"]
+        state.dmm = DMMResults({}, None, training)
     return state.dmm
 
 
@@ -124,10 +127,16 @@ def report_section(state, alignment: dict[str, dict[str, float]]) -> list[str]:
         "",
     ]
     if t:
+        earlier = (t.get("continued") or {}).get("earlier_training")
+        runs = [earlier, t] if earlier else [t]
+        said = "; then ".join(
+            f"{r.get('steps')} steps (+{r.get('synth_steps')} on {r.get('synth_images')} images synthesised per "
+            f"teacher), batch {r.get('batch_size')} per teacher, {r.get('seconds')} s"
+            for r in runs
+        )
         lines += [
-            f"Trained for {t.get('steps')} steps (+{t.get('synth_steps')} on {t.get('synth_images')} images "
-            f"synthesised per teacher), batch {t.get('batch_size')} per teacher, in {t.get('seconds')} s on this "
-            "machine (the command is in docs/distill.md).",
+            f"Trained in {len(runs)} run{'s' if len(runs) > 1 else ''} on this machine: {said} (the commands are in "
+            "docs/distill.md).",
             "",
         ]
     if results.fidt is not None:
