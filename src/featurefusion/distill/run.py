@@ -125,7 +125,8 @@ def distill(
                 "(train further with the same teachers in the same order; --add adds new ones)",
                 init_from,
             )
-        continued = {"from": str(init_from), "earlier_training": earlier_meta.get("training")}
+        continued = {"from": str(init_from), "earlier_training": earlier_meta.get("training"),
+                     "earlier_continued": earlier_meta.get("continued")}  # fmt: skip
     supervisors = [
         Supervisor(name, (lambda p=path: load_teacher(p, backbone.unet)), style=i)
         for i, (name, path) in enumerate(named)

@@ -127,8 +127,10 @@ def report_section(state, alignment: dict[str, dict[str, float]]) -> list[str]:
         "",
     ]
     if t:
-        earlier = (t.get("continued") or {}).get("earlier_training")
-        runs = [earlier, t] if earlier else [t]
+        runs, continued = [t], t.get("continued")
+        while continued and continued.get("earlier_training"):  # the runs this student was trained further from
+            runs.insert(0, continued["earlier_training"])
+            continued = continued.get("earlier_continued")
         said = "; then ".join(
             f"{r.get('steps')} steps (+{r.get('synth_steps')} on {r.get('synth_images')} images synthesised per "
             f"teacher), batch {r.get('batch_size')} per teacher, {r.get('seconds')} s"
