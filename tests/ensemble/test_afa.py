@@ -173,3 +173,34 @@ def test_training_further_starts_from_the_given_aggregators_of_the_same_members(
     with pytest.raises(EnsembleError, match="same members in the same order"):
         train_aggregators(swapped, data, tmp_path / "x", still, progress=False, init_from=tmp_path / "first")
     assert not (tmp_path / "x").exists()
+
+
+def test_leaving_a_member_out_runs_without_it_and_weighs_the_others():
+    members = [build_unet(seed) for seed in (0, 1, 2)]
+    ensemble = AFAUNet(members, hidden_cap=16)
+    for block in ensemble.aggregators.blocks:  # trained-looking aggregators
+        torch.nn.init.normal_(block.to_logits.weight, std=0.5)
+    calls = []
+    members[2].conv_in.register_forward_hook(lambda *a: calls.append(1))
+    records, handles = _record_aggregations(ensemble)
+    sample, t, context = torch.randn(2, 4, 8, 8), torch.tensor([3, 70]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ensemble.exclude([2])(sample, t, context)
+    for h in handles:
+        h.remove()
+    assert not calls  # the left-out member never ran
+    for block, (features, aggregated) in zip(ensemble.aggregators.blocks, records, strict=True):
+        torch.testing.assert_close(features[2], features[0])  # its slot holds the base's features
+        weights = block.weights(features, ensemble.aggregators.embed_time(t, 2, torch.float32), context, frozenset({2}))
+        assert torch.all(weights[:, 2] == 0)
+        torch.testing.assert_close(weights[:, :2].sum(1), torch.ones_like(weights[:, 0]))
+        torch.testing.assert_close(aggregated, weights[:, :1] * features[0] + weights[:, 1:2] * features[1])
+
+    # Two members, one left out: the ensemble is the base model itself.
+    pair = AFAUNet([members[0], members[1]], hidden_cap=16).exclude([1])
+    with torch.no_grad():
+        torch.testing.assert_close(pair(sample, t, context).sample, members[0](sample, t, context).sample,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+    with pytest.raises(EnsembleError, match="among 1..2"):
+        ensemble.exclude([0])
+    assert ensemble.exclude().excluded == frozenset()

@@ -29,3 +29,27 @@ def test_the_demo_reports_ensembles_next_to_merges_with_their_cost(tmp_path):
     cost = float(text.split("| one model (base, a specialist or any merge) |")[1].split("|")[1])
     sampled = float(text.split("\n| base | ")[-1].split(" |")[0])
     assert abs(cost * 10 - sampled) <= 0.06 + 0.02 * sampled
+
+
+def test_with_ablation_the_demo_leaves_each_specialist_out_of_the_ensembles(tmp_path):
+    from featurefusion.evaluate.toy import Evaluator
+    from featurefusion.toyworld import demo_ensemble
+    from featurefusion.toyworld.demo import DemoState
+    from featurefusion.toyworld.scorer import load_scorer
+
+    config = replace(quick_config(tmp_path / "demo"), specialists=("style-dark",), progress=False)
+    config = replace(config, evaluation=replace(config.evaluation, images_per_task=4, steps=2))
+    assert "ensembles without one member" not in [label for label, _ in demo_ensemble.ensemble_steps(config)]
+    config = replace(config, ablation=True)
+    steps = dict(demo_ensemble.ensemble_steps(config))
+    state = DemoState(config, Evaluator(load_scorer(config.checkpoints / "scorer.safetensors"), ["style-dark"],
+                                        config.evaluation))  # fmt: skip
+    for label in ("AFA", "output average", "ensembles without one member"):
+        steps[label](state, tmp_path)
+    row = state.ensembles["removal"]["style-dark"]
+    assert set(row) == {"AFA, all", "AFA, without", "average, all", "average, without"}
+    assert all(0 <= v <= 100 for v in row.values())
+    assert state.ensembles["pipes"][AFA_LABEL].unet.excluded == frozenset()  # put back for the cost step
+    alignment = {"base": {"style-dark": 0.0}}
+    text = "\n".join(demo_ensemble._removal_section(state, alignment))
+    assert "| style-dark |" in text and "AFA: lost" in text and "average: lost" in text

@@ -73,16 +73,31 @@ class BlockAggregator(nn.Module):
         nn.init.zeros_(self.to_logits.weight)
         nn.init.zeros_(self.to_logits.bias)
 
-    def weights(self, features: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Softmax attention over models at every position: [B, N, h, w]."""
+    def weights(
+        self,
+        features: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        excluded: frozenset[int] = frozenset(),
+    ) -> torch.Tensor:
+        """Softmax attention over models at every position: [B, N, h, w]; `excluded` models get weight 0."""
         hidden = self.resnet(torch.cat(features, dim=1), temb)
         hidden = self.transformer(hidden, encoder_hidden_states=context, return_dict=False)[0]
-        return self.to_logits(hidden).float().softmax(dim=1)
+        logits = self.to_logits(hidden).float()
+        if excluded:
+            logits[:, sorted(excluded)] = float("-inf")
+        return logits.softmax(dim=1)
 
-    def forward(self, features: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        features: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor,
+        excluded: frozenset[int] = frozenset(),
+    ) -> torch.Tensor:
         if len(features) != self.n_models:
             raise ValueError(f"aggregator built for {self.n_models} models got {len(features)} features")
-        weights = self.weights(features, temb, context).to(features[0].dtype)
+        weights = self.weights(features, temb, context, excluded).to(features[0].dtype)
         out = weights[:, :1] * features[0]
         for i in range(1, self.n_models):
             out = out + weights[:, i : i + 1] * features[i]

@@ -15,7 +15,7 @@ pipelines and schedulers, classifier-free guidance and the toy pipeline use it u
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -105,6 +105,19 @@ class AFAUNet(MemberEnsemble):
                 f"{list(aggregators.config.channels)}; these {len(members)} models have {list(expected)}"
             )
         self.aggregators = aggregators
+        self.excluded: frozenset[int] = frozenset()
+
+    def exclude(self, members: Iterable[int] = ()) -> AFAUNet:
+        """Leave members out without retraining (`exclude()` brings them all back): they are not run, their
+        weight in every aggregator is 0 (softmax over the others), and the base's features fill their slot
+        of the aggregators' input. The base (member 0) cannot be left out: it stands in for the others."""
+        excluded = frozenset(int(i) for i in members)
+        if 0 in excluded or not excluded <= set(range(1, len(self.members))):
+            raise EnsembleError(
+                f"members to leave out must be among 1..{len(self.members) - 1}, got {sorted(excluded)}"
+            )
+        self.excluded = excluded
+        return self
 
     def train(self, mode: bool = True):
         # Members stay in eval mode: only the aggregators ever train.
@@ -141,10 +154,12 @@ class AFAUNet(MemberEnsemble):
         if lead.config.center_input_sample:
             sample = 2 * sample - 1.0
         conditioning = [
-            _member_conditioning(
+            None
+            if i in self.excluded
+            else _member_conditioning(
                 u, sample, timestep, encoder_hidden_states, class_labels, timestep_cond, added_cond_kwargs
             )  # fmt: skip
-            for u in self.members
+            for i, u in enumerate(self.members)
         ]
         attn = dict(
             cross_attention_kwargs=cross_attention_kwargs,
@@ -155,8 +170,11 @@ class AFAUNet(MemberEnsemble):
         blocks = iter(self.aggregators.blocks)
 
         def mix(layer: Callable[[int, UNet2DConditionModel, torch.Tensor, torch.Tensor], torch.Tensor]):
-            features = [layer(i, u, *conditioning[i]) for i, u in enumerate(self.members)]
-            return next(blocks)(features, temb, encoder_hidden_states)
+            features = [
+                None if i in self.excluded else layer(i, u, *conditioning[i]) for i, u in enumerate(self.members)
+            ]
+            features = [features[0] if f is None else f for f in features]  # a left-out member's slot: the base's
+            return next(blocks)(features, temb, encoder_hidden_states, self.excluded)
 
         x = mix(lambda i, u, emb, ctx: u.conv_in(sample))
         skips = [x]

@@ -8,6 +8,9 @@ FID, in the same matrix as every merge) and what it costs (parameters held, seco
 - **Output average**: the mean noise prediction of the base and the demo's specialists.
 - **Keyword routing**: each prompt goes to the specialists whose task words it contains (object names of an
   object task, a style's name), averaged when several match; the base serves the rest.
+
+With `--ablation`, the counterpart of FeatureFusion's unlearning: each specialist left out of AFA (not run,
+weight 0, without retraining) and out of the output average, scored on its own task.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ def ensemble_steps(config) -> list:
     steps = []
     if (shipped_afa(config.checkpoints) / "afa.json").is_file():
         steps.append(("AFA", _afa))
-    steps += [("output average", _average(False)), ("keyword routing", _average(True)), ("costs", _costs)]
+    steps += [("output average", _average(False)), ("keyword routing", _average(True))]
+    if config.ablation:
+        steps.append(("ensembles without one member", _removal))
+    steps.append(("costs", _costs))
     return steps
 
 
@@ -79,6 +85,69 @@ def _average(routed: bool):
         state.results[label] = state.evaluator(members.pipe, True)
 
     return step
+
+
+def _removal(state, _models: Path) -> None:
+    """Each specialist left out of AFA and of the output average, scored on its own task's test prompts (with
+    all members too, on the same prompts and noise: a one-task evaluator draws other noise than the full one)."""
+    from featurefusion.ensemble.output import OutputEnsembleUNet
+    from featurefusion.evaluate.toy import Evaluator
+
+    extras = _extras(state)
+    removal = extras.setdefault("removal", {})
+    afa_pipe, average_pipe = extras["pipes"].get(AFA_LABEL), extras["pipes"].get(AVERAGE_LABEL)
+    afa_names = extras["members"].get(AFA_LABEL, [])
+    for position, name in enumerate(state.config.specialists):
+        evaluator = Evaluator(state.evaluator.scorer, [name], state.config.evaluation)
+        row = {}
+        if afa_pipe is not None and name in afa_names:
+            row["AFA, all"] = evaluator(afa_pipe, False).alignment()[name]
+            afa_pipe.unet.exclude([afa_names.index(name)])
+            try:
+                row["AFA, without"] = evaluator(afa_pipe, False).alignment()[name]
+            finally:
+                afa_pipe.unet.exclude()
+        if average_pipe is not None:
+            everyone = average_pipe.unet
+            row["average, all"] = evaluator(average_pipe, False).alignment()[name]
+            rest = [unet for i, unet in enumerate(everyone.members) if i != position + 1]  # member 0 is the base
+            average_pipe.unet = OutputEnsembleUNet(rest)
+            try:
+                row["average, without"] = evaluator(average_pipe, False).alignment()[name]
+            finally:
+                average_pipe.unet = everyone
+        removal[name] = row
+
+
+def _removal_section(state, alignment) -> list[str]:
+    removal = _extras(state).get("removal")
+    if not removal:
+        return []
+    rows = {}
+    for name, row in removal.items():
+        out = dict(row)
+        for kind in ("AFA", "average"):
+            if f"{kind}, all" in row:
+                out[f"{kind}: lost"] = row[f"{kind}, all"] - row[f"{kind}, without"]
+        if name in state.unlearned and "FeatureFusion" in alignment:
+            out["FeatureFusion unlearning: lost"] = (
+                alignment["FeatureFusion"][name] - state.unlearned[name].alignment()[name]
+            )
+        rows[name] = out
+    columns = list(dict.fromkeys(k for row in rows.values() for k in row))
+    return [
+        "### Removing a model from an ensemble (no unlearning needed)",
+        "",
+        "An ensemble removes a member by not running it: the output average averages the others; AFA gives it "
+        "weight 0 in every aggregator (softmax over the others) and fills its input slot with the base's "
+        "features, without retraining. Each row leaves one specialist out and scores its own task "
+        f"({state.config.evaluation.images_per_task} test prompts, with all members and without it, on the same "
+        "prompts and noise); FeatureFusion's loss by unlearning (the table above) is beside it. What a removal "
+        "should do is lose the removed specialist's skill: a large loss is the wanted result.",
+        "",
+        markdown_table(rows, columns, fmt="{:.1f}", bold_best=False, first_header="left out"),
+        "",
+    ]
 
 
 def _costs(state, _models: Path) -> None:
@@ -149,6 +218,7 @@ def ensemble_section(state, alignment: dict[str, dict[str, float]]) -> list[str]
             markdown_table(summary, list(next(iter(summary.values()))), bold_best=False),
             "",
         ]
+    lines += _removal_section(state, alignment)
     costs = extras["costs"]
     rows = {label: cost.row() for label, cost in costs.items()}
     lines += [
