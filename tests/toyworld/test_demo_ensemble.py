@@ -53,3 +53,28 @@ def test_with_ablation_the_demo_leaves_each_specialist_out_of_the_ensembles(tmp_
     alignment = {"base": {"style-dark": 0.0}}
     text = "\n".join(demo_ensemble._removal_section(state, alignment))
     assert "| style-dark |" in text and "AFA: lost" in text and "average: lost" in text
+
+
+def test_the_best_merge_is_a_merge_not_the_student_or_an_ensemble():
+    from types import SimpleNamespace
+
+    from featurefusion.ensemble.cost import Cost
+    from featurefusion.toyworld import demo_distill, demo_ensemble
+
+    tasks = ("objects-round",)
+
+    def row(value):
+        return {"objects-round": value, "mean": value}
+
+    alignment = {"base": row(40.0), "specialist objects-round": row(90.0), "Task arithmetic (scale 0.5)": row(55.0),
+                 demo_distill.ROW: row(80.0), AFA_LABEL: row(85.0)}  # fmt: skip
+    state = SimpleNamespace(
+        config=SimpleNamespace(specialists=tasks, evaluation=SimpleNamespace(steps=12, precision="bf16")),
+        dmm=demo_distill.DMMResults({}, None, {}),
+        ensembles={"pipes": {}, "members": {}, "costs": {AFA_LABEL: Cost(1, 4, 0.1, 8)}},
+        unlearned={},
+    )
+    text = "\n".join(demo_distill.report_section(state, alignment))
+    assert "best merge (Task arithmetic (scale 0.5)) 55.0" in text
+    text = "\n".join(demo_ensemble.ensemble_section(state, alignment))
+    assert f"| {AFA_LABEL} | 85.0 | 55.0 | 90.0 |" in text

@@ -103,7 +103,10 @@ def report_section(state, alignment: dict[str, dict[str, float]]) -> list[str]:
         student = alignment[ROW][task]
         rows[task] = {"teacher (own task)": teacher, "student (teacher's style)": student,
                       "kept %": 100 * student / teacher if teacher else float("nan")}  # fmt: skip
-    best_merge = max((n for n in alignment if n not in (ROW, "base") and not n.startswith("specialist ")),
+    from featurefusion.toyworld.demo_ensemble import ENSEMBLE_LABELS
+
+    not_merges = {ROW, "base", *ENSEMBLE_LABELS}
+    best_merge = max((n for n in alignment if n not in not_merges and not n.startswith("specialist ")),
                      key=lambda n: alignment[n]["mean"], default=None)  # fmt: skip
     t = results.training
     lines = [

@@ -23,6 +23,7 @@ import torch
 from featurefusion.evaluate.report import markdown_table
 
 AFA_LABEL, AVERAGE_LABEL, ROUTING_LABEL = "AFA (trained aggregators)", "Output average", "Keyword routing"
+ENSEMBLE_LABELS = (AFA_LABEL, AVERAGE_LABEL, ROUTING_LABEL)
 COST_IMAGES = 4  # images of the profiled sampling call that measures peak memory
 
 
@@ -180,9 +181,12 @@ def ensemble_section(state, alignment: dict[str, dict[str, float]]) -> list[str]
     if not extras or not extras["costs"]:
         return []
     tasks = list(state.config.specialists)
-    ensembles = [label for label in (AFA_LABEL, AVERAGE_LABEL, ROUTING_LABEL) if label in alignment]
+    ensembles = [label for label in ENSEMBLE_LABELS if label in alignment]
     single = {"base", *(f"specialist {n}" for n in tasks)}
-    merges = {name: row for name, row in alignment.items() if name not in single and name not in ensembles}
+    from featurefusion.toyworld.demo_distill import ROW as STUDENT_ROW
+
+    # A merge is one model made from the others' weights: not the base, a specialist, the student or an ensemble.
+    merges = {n: row for n, row in alignment.items() if n not in single | {STUDENT_ROW} | set(ENSEMBLE_LABELS)}
     specialist_means = {n: alignment[f"specialist {n}"]["mean"] for n in tasks if f"specialist {n}" in alignment}
     lines = [
         "## Ensembles: what routing buys over a merge, and what it costs",
