@@ -90,6 +90,7 @@ class FIDtSampling:
     steps: int = 20
     guidance: float = 3.0
     seeds: tuple[int, int] = (1000, 1001)  # teachers' batches a and b; the student samples with b
+    precision: str = "fp32"  # "bf16": built-in world students and teachers sample under bfloat16 autocast
 
 
 def teacher_paths(student_folder: Path, meta: dict) -> list[tuple[str, Path]]:
@@ -121,11 +122,12 @@ def sample_sets(student_folder: str | Path, sampling: FIDtSampling):
     meta = read_meta(student_folder)
     teachers = teacher_paths(student_folder, meta)
     if not (student_folder / "vae").is_dir():
-        return _toy_sets(student_folder, teachers, sampling)
+        return toy_sets(student_folder, teachers, sampling)
     return _sd_sets(student_folder, teachers, sampling)
 
 
-def _toy_sets(folder: Path, teachers, sampling: FIDtSampling):
+def toy_sets(folder: Path, teachers: list[tuple[str, Path]], sampling: FIDtSampling):
+    """`sample_sets` for a built-in world student; `teachers` are (style, pipeline folder or UNet file)."""
     from featurefusion.distill.toy_sampling import load_toy_student
     from featurefusion.toyworld.models import load_pipeline
 
@@ -134,7 +136,8 @@ def _toy_sets(folder: Path, teachers, sampling: FIDtSampling):
 
     def draw(pipe, seed, styles=None):
         extra = {} if styles is None else {"styles": styles}
-        return pipe(sampling.prompts, steps=sampling.steps, guidance_scale=sampling.guidance, seed=seed, **extra)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sampling.precision == "bf16"):
+            return pipe(sampling.prompts, steps=sampling.steps, guidance_scale=sampling.guidance, seed=seed, **extra)
 
     names, students, teachers_a, teachers_b = [], [], [], []
     for name, path in teachers:
@@ -165,9 +168,11 @@ def _sd_sets(folder: Path, teachers, sampling: FIDtSampling):
             pipe.unet.time_embedding.linear_2.bias.copy_(plain_bias)
         fold_into_pipeline_unet(pipe.unet, folder, name)
         students.append(draw(pipe, sampling.seeds[1]))
-        teacher = load_pipeline(path) if (path / "model_index.json").is_file() else load_pipeline(folder)
-        if not (path / "model_index.json").is_file():
-            load_weights_into(teacher, path)  # the teacher's UNet (and what else its file holds)
+        if (path / "model_index.json").is_file():
+            teacher = load_pipeline(path)
+        else:  # a weights file: the student's pipeline with the teacher's UNet (and what else its file holds)
+            teacher = load_pipeline(folder)
+            load_weights_into(teacher, path)
         names.append(name)
         teachers_a.append(draw(teacher, sampling.seeds[0]))
         teachers_b.append(draw(teacher, sampling.seeds[1]))

@@ -13,8 +13,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from featurefusion.evaluate.report import markdown_table
 
 ROW = "DMM student (teacher's style)"
@@ -65,31 +63,20 @@ def _score_student(state, _models: Path) -> None:
 
 
 def _fidt(state, _models: Path) -> None:
-    from featurefusion.distill.fidt import compute_fidt, scorer_metric
-    from featurefusion.distill.toy_sampling import load_toy_student
-    from featurefusion.toyworld.models import load_pipeline
+    from featurefusion.distill.fidt import FIDtSampling, compute_fidt, scorer_metric, toy_sets
+    from featurefusion.distill.store import read_meta
     from featurefusion.toyworld.scorer import UNIFORM_TASK
     from featurefusion.toyworld.world import sample_specs
 
     ev = state.config.evaluation
     n = max(16, ev.images_per_task)
     prompts = [s.prompt for s in sample_specs(UNIFORM_TASK, n, seed=ev.seed, split="test")]
-    student = load_toy_student(student_folder(state.config))
-    files = {"base": None, **{name: state.specialist_file(name) for name in state.config.specialists}}
-    names = [name for name in student.student.names if name in files]  # the demo's teachers only
-
-    def draw(pipe, seed, styles=None):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ev.precision == "bf16"):
-            kwargs = {} if styles is None else {"styles": styles}
-            return pipe(prompts, steps=ev.steps, guidance_scale=ev.guidance_scale, seed=seed, **kwargs).float()
-
-    teachers_a, teachers_b, students = [], [], []
-    for name in names:
-        teacher = load_pipeline(state.base_dir, files[name])
-        teachers_a.append(draw(teacher, 1000))
-        teachers_b.append(draw(teacher, 1001))
-        students.append(draw(student, 1001, [name] * n))
-    _results(state).fidt = compute_fidt(names, students, teachers_a, teachers_b, scorer_metric(state.evaluator.scorer))
+    folder = student_folder(state.config)
+    files = {"base": state.base_dir, **{name: state.specialist_file(name) for name in state.config.specialists}}
+    teachers = [(name, files[name]) for name in read_meta(folder)["styles"] if name in files]  # the demo's only
+    sampling = FIDtSampling(prompts, ev.steps, ev.guidance_scale, precision=ev.precision)
+    sets = toy_sets(folder, teachers, sampling)
+    _results(state).fidt = compute_fidt(*sets, scorer_metric(state.evaluator.scorer))
 
 
 def report_section(state, alignment: dict[str, dict[str, float]]) -> list[str]:
