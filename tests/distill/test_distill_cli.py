@@ -32,7 +32,10 @@ def test_add_teachers(student, teachers, tmp_path):
     out = tmp_path / "more"
     assert main(["distill", "--add", f"c={teachers[2]}", "--from", str(student), "-o", str(out), *FAST,
                  "--no-regularization"]) == 0  # fmt: skip
-    assert json.loads((out / "student.json").read_text())["styles"] == ["a", "b", "c"]
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["styles"] == ["a", "b", "c"]
+    # every teacher, old and new, is recorded as seen from the new student's folder
+    assert [(out / t["from_folder"]).resolve() for t in meta["teachers"]] == [p.resolve() for p in teachers]
 
 
 def test_sample_with_a_style_and_a_mix(student, tmp_path):
@@ -122,3 +125,28 @@ def test_fidt_of_a_student_against_its_teachers(student, teachers, tmp_path, cap
     (moved / "student.json").write_text(json.dumps(meta))
     assert main([*args[:2], str(moved), *args[3:-1], str(tmp_path / "x.json")]) == 2
     assert "SHA-256 differs" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_teachers_are_found_from_the_student_folder(student, teachers, tmp_path):
+    """A student shipped beside its teachers finds them there, wherever it was trained."""
+    import shutil
+
+    from featurefusion.distill.fidt import teacher_paths
+    from featurefusion.distill.store import read_meta
+
+    meta = read_meta(student)
+    assert [(student / t["from_folder"]).resolve() for t in meta["teachers"]] == [p.resolve() for p in teachers[:2]]
+
+    shipped = tmp_path / "ship"
+    shutil.copytree(student, shipped / "student")
+    (shipped / "teachers").mkdir()
+    for record, path in zip(meta["teachers"], teachers[:2], strict=True):
+        shutil.copy(path, shipped / "teachers" / path.name)
+        record["path"] = str(tmp_path / "gone" / path.name)  # where it was trained: no longer there
+        record["from_folder"] = f"../teachers/{path.name}"
+    found = teacher_paths(shipped / "student", meta)
+    assert [p for _, p in found] == [shipped / "student" / ".." / "teachers" / p.name for p in teachers[:2]]
+
+    del meta["teachers"][0]["from_folder"]  # neither where it was trained nor beside the student
+    with pytest.raises(Exception, match="not found at its recorded path"):
+        teacher_paths(shipped / "student", meta)

@@ -94,14 +94,14 @@ class FIDtSampling:
 
 
 def teacher_paths(student_folder: Path, meta: dict) -> list[tuple[str, Path]]:
-    """Each teacher's recorded path (as given, else relative to the student's folder), checked by SHA-256."""
+    """Each recorded teacher (found from the student's folder, else by its path as given), checked by SHA-256."""
     from featurefusion.distill.backbone import DistillError
+    from featurefusion.distill.store import locate_teacher
     from featurefusion.io.recipe import model_hash
 
     found = []
     for teacher in meta.get("teachers", []):
-        candidates = [Path(teacher["path"]), student_folder / teacher["path"], student_folder.parent / teacher["path"]]
-        path = next((c for c in candidates if c.exists()), None)
+        path = locate_teacher(student_folder, teacher)
         if path is None:
             raise DistillError(f"teacher {teacher['name']!r} not found at its recorded path {teacher['path']}",
                                student_folder)  # fmt: skip

@@ -18,7 +18,7 @@ import torch
 from featurefusion.distill.backbone import load_backbone, load_teacher
 from featurefusion.distill.data import open_data
 from featurefusion.distill.run import DistillResult, check_output, check_teachers, named_teachers, train_and_save
-from featurefusion.distill.store import load_student, read_meta
+from featurefusion.distill.store import load_student, locate_teacher, read_meta, teacher_record
 from featurefusion.distill.trainer import DistillConfig, Supervisor
 
 
@@ -54,13 +54,11 @@ def add_teachers(
     ]
     if regularization:
         supervisors.append(Supervisor("earlier student", lambda: frozen, styles=list(range(old))))
-    from featurefusion.io.recipe import model_hash
-
     new_meta = {
         "base": meta.get("base"),
         "teachers": [
-            *meta.get("teachers", []),
-            *({"name": n, "path": str(p), "sha256": model_hash(p)} for n, p in named),
+            *(_seen_from(output, student_folder, t) for t in meta.get("teachers", [])),
+            *(teacher_record(n, p, output) for n, p in named),
         ],  # fmt: skip
         "data": common.description,
         "incremental": {
@@ -72,3 +70,12 @@ def add_teachers(
     }
     return train_and_save(student, supervisors, backbone, common, config, output, new_meta, resume, save_dtype,
                           progress, device)  # fmt: skip
+
+
+def _seen_from(output: Path, student_folder: Path, record: dict) -> dict:
+    """An earlier teacher's record with its path seen from the new student's folder (kept as it was when the
+    teacher is no longer where the earlier student recorded it)."""
+    path = locate_teacher(student_folder, record)
+    if path is None:
+        return {k: v for k, v in record.items() if k != "from_folder"}
+    return {**record, "from_folder": os.path.relpath(path.resolve(), output.resolve())}

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from featurefusion.distill.backbone import Backbone, DistillError, load_backbone, load_teacher, teacher_name
 from featurefusion.distill.data import open_data, synthesize_sets
-from featurefusion.distill.store import load_student, save_student
+from featurefusion.distill.store import load_student, save_student, teacher_record
 from featurefusion.distill.student import StudentUNet
 from featurefusion.distill.trainer import (
     STATE_NAME,
@@ -131,11 +131,9 @@ def distill(
         Supervisor(name, (lambda p=path: load_teacher(p, backbone.unet)), style=i)
         for i, (name, path) in enumerate(named)
     ]
-    from featurefusion.io.recipe import model_hash
-
     meta = {
         "base": str(base),
-        "teachers": [{"name": n, "path": str(p), "sha256": model_hash(p)} for n, p in named],
+        "teachers": [teacher_record(n, p, output) for n, p in named],
         "data": common.description,
         **({"continued": continued} if continued else {}),
     }

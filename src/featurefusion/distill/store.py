@@ -5,7 +5,8 @@ STUDENT/
   model_index.json, text_encoder/, tokenizer/, scheduler/ (vae/)   copied from the base pipeline
   unet/                   the student's UNet (diffusers `save_pretrained`)
   styles.safetensors      codebook [N, d], mlp.0.weight, mlp.2.weight; metadata: the style names
-  student.json            style names, teachers (name, path, SHA-256), base, training settings
+  student.json            style names, teachers (name, path as given and seen from STUDENT, SHA-256), base,
+                          training settings
 ```
 
 Everything is written into a staging folder beside the target and renamed into place, so a failed save leaves
@@ -32,6 +33,24 @@ STYLES_FILE = "styles.safetensors"
 META_FILE = "student.json"
 FORMAT = "featurefusion-dmm-student"
 _BASE_PARTS = ("model_index.json", "text_encoder", "tokenizer", "scheduler", "vae", "feature_extractor")
+
+
+def teacher_record(name: str, path: str | os.PathLike, student_folder: str | os.PathLike) -> dict:
+    """A teacher as student.json records it: its path as given, its path seen from the student's folder (so a
+    student moved or shipped together with its teachers still finds them) and its SHA-256."""
+    from featurefusion.io.recipe import model_hash
+
+    from_folder = os.path.relpath(Path(path).resolve(), Path(student_folder).resolve())
+    return {"name": name, "path": str(path), "from_folder": from_folder, "sha256": model_hash(path)}
+
+
+def locate_teacher(student_folder: str | os.PathLike, record: dict) -> Path | None:
+    """Where a recorded teacher lies now: seen from the student's folder first, then the path as given (older
+    students recorded only that, sometimes relative to the student's parent)."""
+    folder = Path(student_folder)
+    candidates = [folder / record["from_folder"]] if "from_folder" in record else []
+    candidates += [Path(record["path"]), folder / record["path"], folder.parent / record["path"]]
+    return next((c for c in candidates if c.exists()), None)
 
 
 def is_student(path: str | os.PathLike) -> bool:
