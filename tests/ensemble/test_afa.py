@@ -204,3 +204,42 @@ def test_leaving_a_member_out_runs_without_it_and_weighs_the_others():
     with pytest.raises(EnsembleError, match="among 1..2"):
         ensemble.exclude([0])
     assert ensemble.exclude().excluded == frozenset()
+
+
+def test_min_snr_weighting_lowers_only_the_least_noisy_samples_weight():
+    from diffusers import DDPMScheduler
+
+    from featurefusion.ensemble.train import denoising_loss
+
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    t = torch.tensor([5, 150, 600, 990])  # SNR ≈ 2e3, 16, 0.5, 1e-4
+    noise = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    prediction = noise + 0.1 * torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = denoising_loss(prediction, noise, t, scheduler)
+    assert plain == torch.nn.functional.mse_loss(prediction, noise)
+    per_sample = [
+        denoising_loss(prediction[i : i + 1], noise[i : i + 1], t[i : i + 1], scheduler, 5.0) for i in range(4)
+    ]
+    unweighted = [torch.nn.functional.mse_loss(prediction[i], noise[i]) for i in range(4)]
+    alpha = scheduler.alphas_cumprod[t]
+    snr = alpha / (1 - alpha)
+    # weight min(SNR, 5) / SNR: below 1 only where the image is nearly clean, 1 at and beyond SNR 5
+    assert per_sample[0] < 0.01 * unweighted[0] and per_sample[1] < 0.5 * unweighted[1]
+    torch.testing.assert_close(per_sample[1], unweighted[1] * 5 / snr[1])
+    torch.testing.assert_close(per_sample[2], unweighted[2])
+    torch.testing.assert_close(per_sample[3], unweighted[3])
+    torch.testing.assert_close(denoising_loss(prediction, noise, t, scheduler, 5.0), torch.stack(per_sample).mean())
+
+
+def test_resume_refuses_another_loss_weighting(toy_members, tmp_path):
+    from featurefusion.ensemble.data import ToyWorldData
+    from featurefusion.ensemble.train import AFATrainConfig, train_aggregators
+
+    config = AFATrainConfig(steps=3, batch_size=8, lr=1e-2, hidden_cap=16, save_every=1, snr_gamma=5.0,
+                            max_seconds=1e-9)  # fmt: skip  # stops after its first step, state saved
+    train_aggregators(toy_members, ToyWorldData(), tmp_path / "afa", config, progress=False)
+    other = AFATrainConfig(**{**config.__dict__, "snr_gamma": 0.0, "max_seconds": 0.0})
+    with pytest.raises(EnsembleError, match="snr_gamma"):
+        train_aggregators(toy_members, ToyWorldData(), tmp_path / "afa", other, resume=True, progress=False)
+    with pytest.raises(EnsembleError, match="snr_gamma"):
+        train_aggregators(toy_members, ToyWorldData(), tmp_path / "bad", AFATrainConfig(snr_gamma=-1), progress=False)

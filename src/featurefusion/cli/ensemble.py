@@ -42,6 +42,12 @@ def register(sub) -> None:
         help="learning rate: constant (the paper's) or cosine decay to 0 at --steps",
     )
     t.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=0.0,
+        help="Min-SNR-γ loss weighting, e.g. 5 (0: the paper's plain denoising loss); see docs/ensembles.md",
+    )
+    t.add_argument(
         "--from",
         dest="init_from",
         type=Path,
@@ -61,7 +67,7 @@ def cmd_ensemble_train(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         uncond_prob=args.uncond_prob, hidden_cap=args.hidden_cap, seed=args.seed, save_every=args.save_every,
         precision=args.precision, save_dtype=args.save_dtype, max_seconds=60 * args.max_minutes,
-        schedule=args.schedule,
+        schedule=args.schedule, snr_gamma=args.snr_gamma,
     )  # fmt: skip
     result = train_aggregators(members, data, args.out, config, args.resume, False if args.no_progress else None,
                                init_from=args.init_from)  # fmt: skip

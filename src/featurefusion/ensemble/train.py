@@ -46,6 +46,7 @@ class AFATrainConfig:
     save_dtype: str = "fp32"
     max_seconds: float = 0.0  # stop (and save) after this much training time, before `steps` if need be; 0: no limit
     schedule: str = "constant"  # learning rate: "constant" (the paper's) or "cosine" (to 0 at `steps`)
+    snr_gamma: float = 0.0  # Min-SNR-γ loss weighting (0: the paper's plain denoising loss)
 
 
 @dataclass
@@ -91,6 +92,8 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
         raise EnsembleError(f"{out} already holds aggregators: pass --resume to continue, or choose another folder")
     if config.schedule not in ("constant", "cosine"):
         raise EnsembleError(f"schedule must be constant or cosine, not {config.schedule!r}")
+    if config.snr_gamma < 0:
+        raise EnsembleError(f"snr_gamma must be 0 (off) or positive, not {config.snr_gamma}")
     set_seed(config.seed)  # the aggregators' random init (their last conv is zero either way)
     earlier = _earlier_aggregators(init_from, members) if init_from is not None else None
     ensemble = AFAUNet(members.unets, aggregators=earlier, hidden_cap=config.hidden_cap)
@@ -132,7 +135,7 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
             context = encode_prompts(pipe, prompts[rows])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
             prediction = ensemble(noisy, t, context).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+        loss = denoising_loss(prediction.float(), noise, t, noise_scheduler, config.snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if config.grad_clip:
@@ -162,6 +165,23 @@ def train_aggregators(members: Members, data, out: str | os.PathLike, config: AF
     accelerator.wait_for_everyone()
     result.aggregators = accelerator.unwrap_model(ensemble).aggregators
     return result
+
+
+def denoising_loss(prediction, noise, t, noise_scheduler, snr_gamma: float = 0.0) -> torch.Tensor:
+    """MSE to the noise; with `snr_gamma`, each sample weighted by min(SNR, γ) / SNR (Min-SNR-γ, Hang et al.
+    2023, as diffusers' training examples do). The plain loss is dominated by the least noisy steps, where
+    the members differ in detail; the weighting hands the weight to the noisier steps, where a sample's
+    object takes shape and the aggregators must pick the member that knows it."""
+    if not snr_gamma:
+        return torch.nn.functional.mse_loss(prediction, noise)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, t).float()
+    weights = snr.clamp(max=snr_gamma) / snr
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = snr.clamp(max=snr_gamma) / (snr + 1)
+    per_sample = (prediction - noise).pow(2).flatten(1).mean(dim=1)
+    return (per_sample * weights.to(per_sample.device)).mean()
 
 
 def _lr_factor(config: AFATrainConfig, step: int) -> float:
@@ -215,7 +235,7 @@ def _resume(accelerator, state_dir: Path, config: AFATrainConfig) -> int:
     if not progress.is_file():
         raise EnsembleError(f"{state_dir}: no saved training state to resume from")
     saved = json.loads(progress.read_text())
-    keys = ["batch_size", "lr", "weight_decay", "hidden_cap", "seed", "uncond_prob", "schedule"]
+    keys = ["batch_size", "lr", "weight_decay", "hidden_cap", "seed", "uncond_prob", "schedule", "snr_gamma"]
     if config.schedule == "cosine":
         keys.append("steps")  # the decay is spread over them
     for key in keys:
